@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -34,7 +34,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["rstitch_engine", "rstitch_engine.models", "rstitch_engine.engine", "rstitch_engine.kernels"],
+    packages=find_packages("python") + ["rstitch_engine.engine", "rstitch_engine.kernels"],
     package_dir={
         "rstitch_engine": "python/rstitch_engine",
         "rstitch_engine.engine": "engine",

@@ -83,6 +83,7 @@ PYBIND11_MODULE(_C, m) {
   header["any_router"] = static_cast<int>(kAnyRouter);
   header["any_verify"] = static_cast<int>(kAnyVerify);
   header["any_sampling"] = static_cast<int>(kAnySampling);
+  header["any_draft"] = static_cast<int>(kAnyDraft);
   m.attr("HEADER") = header;
 
   py::class_<BlockManager>(m, "BlockManager")
@@ -146,6 +147,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("table_update_size", [](const Scheduler& s) { return s.table_layout().size(); })
       .def_property_readonly("table_update_capacity", [](const Scheduler& s) { return s.table_layout().capacity; })
       .def_property_readonly("max_blocks_per_seq", &Scheduler::max_blocks_per_seq)
+      .def_property_readonly("block_size", [](const Scheduler& s) { return s.config().block_size; })
       .def_property_readonly("num_free_blocks", [](const Scheduler& s) { return s.blocks().num_free(); })
       .def_property_readonly("num_blocks", [](const Scheduler& s) { return s.blocks().num_blocks(); })
       .def_property_readonly("num_waiting", &Scheduler::num_waiting)
@@ -175,7 +177,8 @@ PYBIND11_MODULE(_C, m) {
              py::list out;
              for (auto& e : events) {
                const char* f = finish_name(e.finish);
-               out.append(py::make_tuple(e.id, py::cast(e.new_tokens), f ? py::str(f) : py::object(py::none())));
+               out.append(py::make_tuple(e.id, py::cast(e.new_tokens), py::cast(e.new_sources),
+                                         f ? py::str(f) : py::object(py::none())));
              }
              return out;
            })

@@ -21,6 +21,7 @@ enum Header : int32_t {
   kAnyRouter,        // some logits row asks the R-Stitch+ router
   kAnyVerify,        // some logits rows verify speculative drafts
   kAnySampling,      // some logits row samples (temperature > 0)
+  kAnyDraft,         // some logits rows produce speculative drafts
   kHeaderSize = 16,
 };
 
@@ -57,6 +58,8 @@ struct PlanLayout {
     add("logits_indices", 'i', logits);
     add("out_slot", 'i', logits);   // token-table row that receives the produced token
     add("out_pos", 'i', logits);    // its position there; -1: not written (verify rows)
+    add("sample_pos", 'i', logits); // position of the produced token: the sampling noise key
+    add("spec_index", 'i', logits); // j of the j-th draft (SLM) or of the j-th verify row (LLM); else -1
     add("top_k", 'i', logits);      // 0: off
     add("seed", 'i', logits);
     add("verify_start", 'i', logits);  // logits row of the group's first row; -1: not a verify row

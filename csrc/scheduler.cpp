@@ -297,6 +297,8 @@ void Scheduler::write_row(Request& r, SubBatch& sb, int32_t model, Kind kind, in
     field(sb, "logits_indices")[li] = t0 + n - num_logits + j;
     field(sb, "out_slot")[li] = r.seq_slot;
     field(sb, "out_pos")[li] = kind == Kind::kVerify ? -1 : pred;
+    field(sb, "sample_pos")[li] = pred;
+    field(sb, "spec_index")[li] = kind == Kind::kVerify ? j : kind == Kind::kDraft ? r.drafts_dispatched : -1;
     field(sb, "top_k")[li] = r.spec.top_k;
     field(sb, "seed")[li] = r.spec.seed;
     field(sb, "verify_start")[li] = kind == Kind::kVerify ? l0 : -1;
@@ -318,6 +320,7 @@ void Scheduler::write_row(Request& r, SubBatch& sb, int32_t model, Kind kind, in
     header[kAnyRouter] |= router;
     header[kAnyVerify] |= kind == Kind::kVerify;
     header[kAnySampling] |= sampling;
+    header[kAnyDraft] |= kind == Kind::kDraft;
   }
   sb.tokens += n;
   sb.rows += 1;
@@ -390,6 +393,7 @@ bool Scheduler::emit(Request& r, int32_t token, int32_t source, float entropy, E
   (source == kSLM ? r.stats.slm_tokens : r.stats.llm_tokens)++;
   if (source == kLLM) r.last_llm_out = r.n_out() - 1;
   ev.new_tokens.push_back(token);
+  ev.new_sources.push_back(source);
   const auto& stops = r.spec.stop_ids;
   if (!r.spec.ignore_eos && r.n_out() >= r.spec.min_tokens &&
       std::find(stops.begin(), stops.end(), token) != stops.end()) {
@@ -402,7 +406,7 @@ bool Scheduler::emit(Request& r, int32_t token, int32_t source, float entropy, E
 
 void Scheduler::apply(Request& r, const Dispatch& d, const Results& res, int64_t row,
                       std::vector<Event>& events) {
-  Event ev{r.spec.id, {}, Finish::kNone};
+  Event ev{r.spec.id, {}, {}, Finish::kNone};
   auto nan_error = [&](int64_t at) {
     end(r, Finish::kError,
         std::string("the ") + model_name(d.model) + " produced NaN logits at position " +

@@ -115,6 +115,7 @@ struct Request {
 struct Event {
   int64_t id;
   std::vector<int32_t> new_tokens;
+  std::vector<int32_t> new_sources;
   Finish finish;
 };
 

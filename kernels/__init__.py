@@ -1,0 +1,26 @@
+"""Triton kernels of the engine, each with a plain-torch reference of the same signature.
+
+Pick an implementation with `use_triton(device)`: the Triton launchers on CUDA (or on the CPU under
+TRITON_INTERPRET=1), else the `*_ref` functions.
+"""
+from .activation import silu_and_mul, silu_and_mul_ref
+from .common import use_triton
+from .decode_attention import paged_decode_attention, paged_decode_attention_ref
+from .extend_attention import paged_extend_attention, paged_extend_attention_ref
+from .kv_store import store_kv, store_kv_ref
+from .norm import rms_norm, rms_norm_ref
+from .random import gumbel_noise, hash_u32_torch, uniform_noise
+from .rotary import apply_rotary, apply_rotary_ref
+from .stitch_step import sampling_cutoff, stitch_step, stitch_step_ref
+
+__all__ = [
+    "use_triton",
+    "stitch_step", "stitch_step_ref", "sampling_cutoff",
+    "uniform_noise", "gumbel_noise", "hash_u32_torch",
+    "store_kv", "store_kv_ref",
+    "paged_decode_attention", "paged_decode_attention_ref",
+    "paged_extend_attention", "paged_extend_attention_ref",
+    "rms_norm", "rms_norm_ref",
+    "apply_rotary", "apply_rotary_ref",
+    "silu_and_mul", "silu_and_mul_ref",
+]

@@ -1,0 +1,80 @@
+"""The step loop: plan (C++) -> run each model's sub-batch -> read results back -> commit (C++).
+
+With `max_inflight=2` (overlap) step t+1 is planned and queued before step t's results are committed: the
+scheduler dispatches rows optimistically and fixes up the ones whose decision flipped. Plan and result
+buffers alternate between two sets, so a step never overwrites what an in-flight step still reads.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from .model_runner import DeviceTables, ModelRunner
+from .plan import HostPlan
+from .readback import StepResults
+
+
+class StepLoop:
+    def __init__(self, sched, runners: dict[int, ModelRunner], tables: DeviceTables, device: torch.device,
+                 max_inflight: int):
+        self.sched, self.runners, self.tables, self.device = sched, runners, tables, device
+        self.max_inflight = max_inflight
+        pin = device.type == "cuda"
+        self.host = [{m: HostPlan(sched, pin) for m in runners} for _ in range(2)]
+        self.table_updates = [torch.zeros(sched.table_update_size, dtype=torch.int32, pin_memory=pin)
+                              for _ in range(2)]
+        cap = next(iter(runners.values())).tokens.shape[0]
+        self.results = [{m: StepResults(cap, device) for m in runners} for _ in range(2)]
+        self.copy_stream = torch.cuda.Stream(device) if pin else None
+        self.inflight: deque = deque()
+        self.next_step = 0
+        self.draft_logits: torch.Tensor | None = None
+
+    def step(self) -> list:
+        """Plans and launches one step, commits what is due; returns the commit events."""
+        step, parity = self.next_step, self.next_step % 2
+        self.next_step += 1
+        plans, updates = self.host[parity], self.table_updates[parity]
+        bufs = [(plans[m].i32_np, plans[m].f32_np) if m in plans else (None, None) for m in (0, 1)]
+        rows = self.sched.plan(step, *bufs[0], *bufs[1], updates.numpy())
+        if rows:
+            self.tables.apply_updates(updates, self.sched.table_update_capacity)
+            ran = []
+            for m, runner in self.runners.items():
+                if plans[m].count("num_rows") == 0:
+                    continue
+                res = self.results[parity][m]
+                res.begin()
+                n = runner.run(plans[m], self.draft_logits)
+                res.fetch(runner.tokens[:n], runner.entropies[:n], runner.flags[:n], self.copy_stream)
+                ran.append(m)
+            self.inflight.append((step, parity, ran))
+        events = []
+        while self.inflight and (len(self.inflight) >= self.max_inflight or not rows):
+            events += self.commit(*self.inflight.popleft())
+        return events
+
+    def commit(self, step: int, parity: int, ran: list[int]) -> list:
+        args, seconds = [], [0.0, 0.0]
+        for m in (0, 1):
+            if m in ran:
+                res = self.results[parity][m]
+                seconds[m] = res.wait()
+                args += res.numpy
+            else:
+                args += [None, None, None]
+        return self.sched.commit(step, *args, *seconds)
+
+    def drain(self) -> list:
+        events = []
+        while self.inflight:
+            events += self.commit(*self.inflight.popleft())
+        return events
+
+    def ensure_draft_logits(self, k: int, vocab_limit: int, dtype: torch.dtype) -> None:
+        """Sampled speculative decoding keeps each draft's SLM logits until its verification."""
+        if self.draft_logits is None or self.draft_logits.shape[1] < k:
+            assert not self.inflight, "draft buffers are resized between generate calls only"
+            slots = self.tables.tokens.shape[0]
+            self.draft_logits = torch.zeros(slots, k, vocab_limit, dtype=dtype, device=self.device)

@@ -1,0 +1,306 @@
+"""The user-facing engine: loads one or two models, turns prompts into scheduler requests, runs the step
+loop until they finish, and returns outputs in input order."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import _C
+from .config import CheckpointError, ModelConfig
+from .detokenize import IncrementalDecoder
+from .loader import load_weights
+from .outputs import RequestOutput
+from .policies import LLM, SLM, LLMOnly, Policy, RStitch, SLMOnly
+from .sampling_params import SamplingParams
+from .tokenizer import check_same_vocabulary, load_tokenizer
+
+log = logging.getLogger("rstitch_engine")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+MODEL_NAMES = {SLM: "SLM", LLM: "LLM"}
+
+
+class Engine:
+    """`Engine(llm=dir)` for one model, `Engine(slm=small_dir, llm=large_dir)` for R-Stitch and friends.
+
+    kv_cache_gb: KV memory for both pools together (default: `gpu_memory_utilization` of the free device
+    memory on CUDA, 1 GB on the CPU). overlap: plan step t+1 before step t's results are read (default
+    on CUDA). kernels: "triton" or "torch" (default: Triton on CUDA, the torch references on the CPU).
+    cuda_graphs: capture decode steps as CUDA graphs (default on CUDA; "emulate" runs the same padded
+    static-shape steps without capturing, for tests on the CPU).
+    """
+
+    def __init__(self, llm: str | Path | None = None, slm: str | Path | None = None, *, device=None,
+                 dtype: str | torch.dtype | None = None, kv_cache_gb: float | None = None,
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, max_logits_rows: int | None = None, block_size: int = 16,
+                 overlap: bool | None = None, optimistic_llm: bool = True, kernels: str | None = None,
+                 cuda_graphs: bool | str | None = None, seed: int = 0, progress: bool = False):
+        from .model_source import resolve_model
+
+        if llm is None and slm is None:
+            raise ValueError("Engine needs llm=..., slm=..., or both")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.paths = {m: resolve_model(src, progress=progress) for m, src in ((SLM, slm), (LLM, llm))
+                      if src is not None}
+        self.configs = {m: ModelConfig.from_dir(p) for m, p in self.paths.items()}
+        self.tokenizer = self._tokenizer()
+        self.vocab_limit = self._vocab_limit()
+        self.eos_ids = self._eos_ids()
+        self.max_model_len = self._max_model_len(max_model_len)
+        self.weights = {m: load_weights(p, self.configs[m], self.dtype, self.device) for m, p in self.paths.items()}
+        self._build_runtime(kv_cache_gb, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
+                            max_logits_rows, block_size, overlap, optimistic_llm, kernels, cuda_graphs)
+        self._rng = random.Random(seed)
+        self._next_id = 0
+        self.default_policy: Policy = RStitch() if len(self.paths) == 2 else (
+            LLMOnly() if LLM in self.paths else SLMOnly())
+
+    # ---- construction -------------------------------------------------------------------------------
+    def _tokenizer(self):
+        toks = {m: load_tokenizer(p) for m, p in self.paths.items()}
+        if all(t is not None for t in toks.values()) and len(toks) == 2:
+            check_same_vocabulary(toks[SLM], toks[LLM], self.paths[SLM], self.paths[LLM])
+        return toks.get(LLM) or toks.get(SLM)
+
+    def _vocab_limit(self) -> int:
+        widths = {m: c.vocab_size for m, c in self.configs.items()}
+        limit = len(self.tokenizer) if self.tokenizer is not None else min(widths.values())
+        for m, w in widths.items():
+            if w < limit:
+                raise CheckpointError(f"{self.paths[m]}: the {MODEL_NAMES[m]}'s logits have {w} columns, fewer "
+                                      f"than the tokenizer's {limit} tokens")
+        return limit
+
+    def _eos_ids(self) -> list[int]:
+        ids = set()
+        for m, p in self.paths.items():
+            ids.update(self.configs[m].eos_token_ids)
+            gen = Path(p) / "generation_config.json"
+            if gen.is_file():
+                eos = json.loads(gen.read_text()).get("eos_token_id")
+                ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+    def _max_model_len(self, requested: int | None) -> int:
+        limit = min(c.max_position_embeddings for c in self.configs.values())
+        if requested is not None and requested > limit:
+            raise ValueError(f"max_model_len={requested} exceeds the models' context of {limit} positions")
+        return requested or limit
+
+    def _build_runtime(self, kv_cache_gb, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
+                       max_logits_rows, block_size, overlap, optimistic_llm, kernels, cuda_graphs):
+        from rstitch_engine.engine.kv_pool import KVPool, num_blocks_for_budget
+        from rstitch_engine.engine.model_runner import DeviceTables, ModelRunner
+        from rstitch_engine.engine.ops import Ops
+        from rstitch_engine.engine.step_loop import StepLoop
+
+        configs = list(self.configs.values())
+        if kv_cache_gb is not None:
+            budget = int(kv_cache_gb * 2**30)
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * gpu_memory_utilization) - 2 * 2**30  # room for activations and graphs
+        else:
+            budget = 2**30
+        num_blocks = num_blocks_for_budget(budget, block_size, configs, self.dtype)
+        needed = -(-max_num_seqs * self.max_model_len // block_size)
+        num_blocks = min(num_blocks, needed)
+        if num_blocks < 1:
+            raise ValueError(f"kv cache budget of {budget / 2**30:.2f} GB holds no block of {block_size} tokens")
+        if num_blocks * block_size < self.max_model_len:
+            log.warning("KV pool holds %d tokens: max_model_len lowered from %d", num_blocks * block_size,
+                        self.max_model_len)
+            self.max_model_len = num_blocks * block_size
+        sc = _C.SchedulerConfig()
+        sc.num_blocks, sc.block_size, sc.max_num_seqs = num_blocks, block_size, max_num_seqs
+        sc.max_model_len, sc.max_step_tokens = self.max_model_len, max_num_batched_tokens
+        sc.max_logits_rows = max_logits_rows or min(max_num_batched_tokens, 4 * max_num_seqs)
+        sc.has_model = (SLM in self.paths, LLM in self.paths)
+        sc.vocab_size = self.vocab_limit
+        overlap = self.device.type == "cuda" if overlap is None else overlap
+        sc.max_inflight = 2 if overlap else 1
+        sc.optimistic_llm = optimistic_llm
+        sc.watermark_blocks = max(1, num_blocks // 100)
+        self.sched = _C.Scheduler(sc)
+        self.scheduler_config = sc
+        self.kv_pools = {m: KVPool(self.configs[m], num_blocks, block_size, self.dtype, self.device)
+                         for m in self.paths}
+        use_triton = kernels == "triton" or (kernels is None and self.device.type == "cuda")
+        if kernels not in (None, "triton", "torch"):
+            raise ValueError(f"kernels must be 'triton' or 'torch', got {kernels!r}")
+        self.ops = Ops(triton=use_triton)
+        self.tables = DeviceTables(max_num_seqs, self.sched.max_blocks_per_seq, self.max_model_len, self.device)
+        runners = {m: ModelRunner(m, self.configs[m], self.weights[m], self.kv_pools[m], self.ops, self.tables,
+                                  self.sched, self.vocab_limit, self.max_model_len, self.device)
+                   for m in self.paths}
+        self.runners = runners
+        graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if graphs:
+            from rstitch_engine.engine.cuda_graphs import DecodeGraphs
+
+            emulate = graphs == "emulate" or self.device.type != "cuda"
+            pool = None if emulate else torch.cuda.graph_pool_handle()
+            for runner in runners.values():
+                runner.graphs = DecodeGraphs(runner, self.sched.max_rows, pool, emulate)
+        self.loop = StepLoop(self.sched, runners, self.tables, self.device, sc.max_inflight)
+
+    # ---- requests -----------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.sched.num_free_blocks
+
+    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer: pass prompts as lists of token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return None, list(prompt)
+        raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _spec(self, ids: list[int], params: SamplingParams, policy: Policy) -> _C.RequestSpec:
+        spec = _C.RequestSpec()
+        spec.id = self._next_id
+        self._next_id += 1
+        spec.prompt = ids
+        spec.max_tokens, spec.min_tokens, spec.ignore_eos = params.max_tokens, params.min_tokens, params.ignore_eos
+        spec.stop_ids = sorted(set(self.eos_ids) | set(params.stop_token_ids or []))
+        spec.temperature, spec.top_p, spec.top_k = float(params.temperature), float(params.top_p), params.top_k
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
+        spec.seed = seed & 0x7FFFFFFF
+        policy.configure(spec, params.max_tokens)
+        return spec
+
+    def _check_policy(self, policy) -> None:
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a rstitch_engine.policies.Policy, got {type(policy).__name__}")
+        missing = [MODEL_NAMES[m] for m in sorted(policy.models) if m not in self.paths]
+        if missing:
+            raise ValueError(f"policy {policy.name!r} needs the {' and the '.join(missing)}, which this engine "
+                             f"did not load (Engine(slm=..., llm=...))")
+
+    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 policy: Policy | Sequence[Policy] | None = None, use_tqdm: bool = True,
+                 on_tokens: Callable[[int, list[int], list[int]], None] | None = None) -> list[RequestOutput]:
+        """Runs every prompt (a string or a list of token ids) to completion, batched continuously.
+        `params` and `policy` are one for all or one per prompt. `on_tokens(index, token_ids, sources)` is
+        called as tokens are committed (streaming)."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        n = len(prompts)
+        params_list = _per_request(params if params is not None else SamplingParams(), n, "params", SamplingParams)
+        policy_list = _per_request(policy if policy is not None else self.default_policy, n, "policy", Policy)
+        for p in set(policy_list):
+            self._check_policy(p)
+        encoded = [self._encode(p) for p in prompts]
+        start = time.perf_counter()
+        outputs: list[RequestOutput] = [RequestOutput(i, text, ids) for i, (text, ids) in enumerate(encoded)]
+        live: dict[int, tuple[int, SamplingParams, IncrementalDecoder | None]] = {}
+        for i, ((_, ids), sp, pol) in enumerate(zip(encoded, params_list, policy_list)):
+            spec = self._spec(ids, sp, pol)
+            error = self.sched.add(spec)
+            if error:
+                outputs[i].finish_reason, outputs[i].error = "error", error
+                continue
+            if spec.spec_k and sp.temperature > 0:
+                self.loop.ensure_draft_logits(spec.spec_k, self.vocab_limit, self.dtype)
+            decoder = IncrementalDecoder(self.tokenizer, sp.skip_special_tokens) \
+                if sp.stop_strings and self.tokenizer is not None else None
+            live[spec.id] = (i, sp, decoder)
+        bar = tqdm(total=n, disable=not use_tqdm, desc="generate", unit="req")
+        bar.update(n - len(live))
+        try:
+            while live:
+                for rid, new_tokens, new_sources, _ in self.loop.step():
+                    i, sp, decoder = live[rid]
+                    if on_tokens:
+                        on_tokens(i, new_tokens, new_sources)
+                    if decoder is not None and _hits_stop(decoder, new_tokens, sp.stop_strings):
+                        self.sched.finish_stop(rid)
+                for rid in self.sched.take_finished():
+                    i, sp, decoder = live.pop(rid)
+                    self._finish(outputs[i], rid, sp, decoder, time.perf_counter() - start)
+                    bar.update(1)
+        except BaseException:
+            self._abort(live)
+            raise
+        finally:
+            bar.close()
+        return outputs
+
+    def chat(self, conversations, params=None, policy=None, use_tqdm: bool = True, on_tokens=None,
+             **chat_template_kwargs) -> list[RequestOutput]:
+        """Applies the chat template to each message list, then generates."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer with a chat template; this checkpoint has none")
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True,
+                                                      **chat_template_kwargs) for c in conversations]
+        outs = self.generate([self.tokenizer.encode(p, add_special_tokens=False) for p in prompts], params,
+                             policy, use_tqdm, on_tokens)
+        for o, p in zip(outs, prompts):
+            o.prompt = p
+        return outs
+
+    def _finish(self, out: RequestOutput, rid: int, params: SamplingParams, decoder, elapsed: float) -> None:
+        r = self.sched.output(rid)
+        self.sched.release(rid)
+        out.token_ids, out.sources, out.entropies = r["token_ids"], r["sources"], r["entropies"]
+        out.finish_reason, out.error = r["finish_reason"], r["error"] or None
+        out.stats = dict(r["stats"], latency_s=elapsed)
+        if self.tokenizer is not None:
+            out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=params.skip_special_tokens)
+            if decoder is not None:
+                out.text = _cut_at_stop(out.text, params.stop_strings)
+
+    def _abort(self, live: dict) -> None:
+        """After a failure mid-batch: finish every live request and wait for in-flight steps, so that no
+        block stays allocated."""
+        for rid in live:
+            self.sched.abort(rid)
+        self.loop.drain()
+        for rid in self.sched.take_finished():
+            self.sched.release(rid)
+
+
+def _per_request(value, n: int, what: str, kind):
+    if isinstance(value, kind):
+        return [value] * n
+    values = list(value)
+    if len(values) != n or not all(isinstance(v, kind) for v in values):
+        raise ValueError(f"{what} must be one {kind.__name__} or a list of {n}")
+    return values
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _hits_stop(decoder: IncrementalDecoder, new_tokens: list[int], stops: tuple[str, ...]) -> bool:
+    tail = len(decoder.text)
+    decoder.push(new_tokens)
+    window = decoder.text[max(0, tail - max(map(len, stops)) + 1):]
+    return any(s in window for s in stops)
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[:min(cuts)] if cuts else text

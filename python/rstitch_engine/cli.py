@@ -1,0 +1,136 @@
+"""`rstitch`: the command line. Each command is one function; `rstitch <command> --help` documents it."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _engine_args(p: argparse.ArgumentParser, *, models_required: bool = True) -> None:
+    g = p.add_argument_group("models and runtime")
+    g.add_argument("--llm", help="large model: checkpoint directory, .gguf file or hub id")
+    g.add_argument("--slm", help="small model: checkpoint directory, .gguf file or hub id")
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--kv-cache-gb", type=float, help="KV memory for both pools together")
+    g.add_argument("--max-model-len", type=int)
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+
+
+def _policy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policy (with --slm and --llm)")
+    g.add_argument("--tau", type=float, help="R-Stitch entropy threshold (default 0.02)")
+    g.add_argument("--policy", help="llm, slm, rstitch:<tau>, handover:<tau> or spec:<k> (overrides --tau)")
+
+
+def _make_engine(args):
+    from . import Engine
+
+    if not (args.llm or args.slm):
+        sys.exit("error: give --llm and/or --slm")
+    return Engine(llm=args.llm, slm=args.slm, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
+                  max_model_len=args.max_model_len, progress=True)
+
+
+def _params(args):
+    from . import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
+
+
+def _policy(args, engine):
+    from .policies import RStitch, parse_policy
+
+    if args.policy:
+        return parse_policy(args.policy)
+    if args.tau is not None:
+        return RStitch(tau=args.tau)
+    return engine.default_policy
+
+
+def stats_line(out) -> str:
+    s, n = out.stats, len(out.token_ids)
+    line = (f"{n} tokens ({s['slm_tokens']} SLM, {s['llm_tokens']} LLM), {s['switches_to_llm']} switches to the "
+            f"LLM, {s['switches_to_slm']} back, {s['latency_s']:.2f} s, {n / max(s['latency_s'], 1e-9):.1f} tok/s")
+    if s["verify_steps"]:
+        line += f", {s['accepted']}/{s['drafted']} drafts accepted"
+    return line
+
+
+def cmd_generate(args) -> None:
+    from .evaluation.view import render_terminal, token_pieces
+
+    engine = _make_engine(args)
+    policy = _policy(args, engine)
+    if args.chat:
+        outs = engine.chat([[{"role": "user", "content": p}] for p in args.prompts], _params(args), policy, False)
+    else:
+        outs = engine.generate(list(args.prompts), _params(args), policy, use_tqdm=False)
+    color = sys.stdout.isatty() and not args.no_color
+    for out in outs:
+        if out.error:
+            print(f"error: {out.error}", file=sys.stderr)
+            continue
+        if engine.tokenizer is None:
+            print(out.token_ids)
+        elif len(engine.paths) == 2:
+            pieces = token_pieces(engine.tokenizer, out.token_ids, out.sources, out.entropies)
+            print(render_terminal(pieces, color=color))
+        else:
+            print(out.text)
+        print(f"[{policy.name}] {stats_line(out)}", file=sys.stderr)
+
+
+def cmd_make_tiny(args) -> None:
+    from .tiny import make_tiny
+
+    path = make_tiny(args.dir, args.arch, seed=args.seed, tied=args.tied, layers=args.layers, hidden=args.hidden,
+                     init_std=args.init_std, vocab_pad=args.vocab_pad)
+    print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rstitch", description="Hybrid small/large LM decoding (R-Stitch).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser("generate", help="generate text for prompts; LLM-produced tokens are highlighted",
+                       description="Generates for each prompt. With --slm and --llm, R-Stitch (or --policy) runs "
+                                   "and the LLM's tokens are marked (colour on a terminal, [[...]] otherwise), "
+                                   "followed by a stats line on stderr.")
+    p.add_argument("prompts", nargs="+", help="prompt texts")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    p.add_argument("--no-color", action="store_true")
+    _engine_args(p)
+    _policy_args(p)
+    _sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random checkpoint with a small tokenizer",
+                       description="Writes a tiny random HF checkpoint (config.json, model.safetensors, a small "
+                                   "byte-level BPE tokenizer with a chat template) for smoke runs and tests.")
+    p.add_argument("dir")
+    p.add_argument("--arch", choices=["qwen2", "llama", "qwen3"], default="qwen2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--tied", action="store_true", help="tie the output head to the embedding")
+    p.add_argument("--init-std", type=float, default=0.3, help="weight scale (larger: peakier distributions)")
+    p.add_argument("--vocab-pad", type=int, default=0, help="extra logits columns beyond the tokenizer")
+    p.set_defaults(func=cmd_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,154 @@
+"""Evaluation results: per-policy summary, markdown/JSON files with run metadata, and the accuracy-latency plot."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shlex
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+SUMMARY_COLUMNS = ("policy", "n", "accuracy", "mean_latency_s", "p50_latency_s", "p90_latency_s", "tok_s",
+                   "mean_tokens", "llm_share", "speedup_vs_llm")
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per policy (in order of first appearance) from per-(policy, problem) records.
+
+    `tok_s` is total tokens over total latency and `llm_share` is weighted by tokens, so long answers count
+    for what they cost; `speedup_vs_llm` is the `llm` policy's mean latency over this one's (None without an
+    `llm` policy)."""
+    by_policy: dict[str, list[dict]] = {}
+    for record in records:
+        by_policy.setdefault(record["policy"], []).append(record)
+    rows = []
+    for policy, recs in by_policy.items():
+        latency = np.array([r["latency_s"] for r in recs], dtype=float)
+        tokens = np.array([r["tokens"] for r in recs], dtype=float)
+        llm_tokens = float(np.dot(tokens, [r["llm_share"] for r in recs]))
+        rows.append({
+            "policy": policy,
+            "n": len(recs),
+            "accuracy": sum(bool(r["correct"]) for r in recs) / len(recs),
+            "mean_latency_s": float(latency.mean()),
+            "p50_latency_s": float(np.percentile(latency, 50)),
+            "p90_latency_s": float(np.percentile(latency, 90)),
+            "tok_s": float(tokens.sum() / latency.sum()) if latency.sum() > 0 else None,
+            "mean_tokens": float(tokens.mean()),
+            "llm_share": llm_tokens / tokens.sum() if tokens.sum() > 0 else 0.0,
+        })
+    llm = next((row for row in rows if row["policy"] == "llm"), None)
+    for row in rows:
+        row["speedup_vs_llm"] = (llm["mean_latency_s"] / row["mean_latency_s"]
+                                 if llm is not None and row["mean_latency_s"] > 0 else None)
+    return rows
+
+
+def _format_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: list[dict], columns, title: str | None = None) -> str:
+    """A GitHub markdown table of `columns` (keys of `rows`); missing values and None show as '-'."""
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join("---" if c == "policy" else "---:" for c in columns) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(_format_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _device_name() -> str:
+    if "torch" in sys.modules:  # the engine has loaded it; report the accelerator it may be running on
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def collect_meta() -> dict:
+    """Where and how a result was produced: device, package versions, UTC date and the command line."""
+    return {
+        "device": _device_name(),
+        "versions": {"python": platform.python_version(),
+                     **{name: _package_version(name) for name in ("rstitch-engine", "torch", "transformers")}},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(arg) for arg in sys.argv),
+    }
+
+
+def write_results(out_dir: str | Path, name: str, rows: list[dict], meta: dict) -> tuple[Path, Path]:
+    """Writes `<name>.json` ({"meta", "rows"}) and `<name>.md` (a table of every row key) into `out_dir`.
+    `meta` is added to (and overrides) `collect_meta()`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {**collect_meta(), **meta}
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    header = [f"- {key}: {json.dumps(value) if isinstance(value, dict) else value}" for key, value in meta.items()]
+    md_path.write_text(markdown_table(rows, columns, title=name) + "\n" + "\n".join(header) + "\n",
+                       encoding="utf-8")
+    return json_path, md_path
+
+
+def _tau(policy: str) -> float | None:
+    """The threshold of an `rstitch:<tau>` policy name, else None."""
+    kind, _, arg = policy.partition(":")
+    try:
+        return float(arg) if kind == "rstitch" else None
+    except ValueError:
+        return None
+
+
+def pareto_plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
+    """Accuracy (%) against mean latency (s): the `rstitch:<tau>` rows as a curve labelled with tau, and the
+    `llm`, `slm` and `spec:<k>` rows as distinct markers. Needs matplotlib (Agg, no display)."""
+    try:  # imported here so the package works without matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("pareto_plot needs matplotlib: pip install 'rstitch-engine[plot]'") from e
+    if not rows:
+        raise ValueError("pareto_plot: no summary rows to plot")
+
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)  # a private Agg canvas: no pyplot state, no display needed
+    ax = fig.add_subplot()
+    sweep = sorted((row for row in rows if _tau(row["policy"]) is not None), key=lambda row: _tau(row["policy"]))
+    if sweep:
+        ax.plot([row["mean_latency_s"] for row in sweep], [100 * row["accuracy"] for row in sweep], "o-",
+                color="tab:blue", label="R-Stitch (τ sweep)")
+        for row in sweep:
+            ax.annotate(f"τ={_tau(row['policy']):g}", (row["mean_latency_s"], 100 * row["accuracy"]),
+                        textcoords="offset points", xytext=(5, 5), fontsize=8, color="tab:blue")
+    styles = {"llm": ("*", "tab:red", 14), "slm": ("s", "tab:green", 8), "spec": ("^", "tab:purple", 9)}
+    for row in (row for row in rows if _tau(row["policy"]) is None):
+        kind, _, arg = row["policy"].partition(":")
+        marker, color, size = styles.get(kind, ("D", "tab:gray", 7))
+        label = {"llm": "LLM only", "slm": "SLM only", "spec": f"speculative (k={arg})"}.get(kind, row["policy"])
+        ax.plot(row["mean_latency_s"], 100 * row["accuracy"], marker, color=color, markersize=size,
+                linestyle="none", label=label)
+    ax.set_xlabel("mean latency per problem (s)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title or "Accuracy vs latency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

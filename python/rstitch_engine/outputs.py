@@ -1,0 +1,18 @@
+"""What generate() returns per request."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    index: int                     # position in the generate() call
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)   # emitted tokens only
+    text: str = ""
+    finish_reason: str | None = None                      # "stop" | "length" | "abort" | "error"
+    sources: list[int] = field(default_factory=list)     # per token: 0 SLM, 1 LLM
+    entropies: list[float] = field(default_factory=list)  # normalised entropy each token was drawn from
+    stats: dict = field(default_factory=dict)
+    error: str | None = None

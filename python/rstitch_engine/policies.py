@@ -1,0 +1,171 @@
+"""Decoding policies: parameters of the scheduler's one state machine, not separate loops.
+
+SLM-only is "never switch", LLM-only "start on the LLM and never hand back", R-Stitch the entropy rule of
+method.md, Forced a fixed routing pattern (benchmarks), SpecDecode a draft/verify cycle.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+SLM, LLM = 0, 1
+INF = math.inf
+
+
+class Policy:
+    name = "policy"
+    models: frozenset = frozenset({SLM, LLM})
+
+    def configure(self, spec, max_tokens: int) -> None:
+        """Writes this policy into a native RequestSpec."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SLMOnly(Policy):
+    models = frozenset({SLM})
+
+    @property
+    def name(self):
+        return "slm"
+
+    def configure(self, spec, max_tokens):
+        spec.start_model, spec.tau_up = SLM, INF
+
+
+@dataclass(frozen=True)
+class LLMOnly(Policy):
+    models = frozenset({LLM})
+
+    @property
+    def name(self):
+        return "llm"
+
+    def configure(self, spec, max_tokens):
+        spec.start_model, spec.tau_down = LLM, -INF
+
+
+def _threshold(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RStitch(Policy):
+    """The SLM decodes; H > tau discards its token and the LLM produces that position, keeping control
+    until its own H <= tau_down (default: tau). `handover_after=n` makes the LLM hand back after exactly n
+    tokens instead (R2R-style)."""
+    tau: float = 0.02
+    tau_down: float | None = None
+    handover_after: int | None = None
+
+    def __post_init__(self):
+        _threshold(self.tau, "tau")
+        if self.tau_down is not None:
+            _threshold(self.tau_down, "tau_down")
+        if self.handover_after is not None and (not isinstance(self.handover_after, int) or self.handover_after < 1):
+            raise ValueError(f"handover_after must be a positive integer or None, got {self.handover_after!r}")
+
+    @property
+    def name(self):
+        return f"rstitch:{self.tau:g}" + (f"/h{self.handover_after}" if self.handover_after else "")
+
+    def configure(self, spec, max_tokens):
+        spec.start_model = SLM
+        spec.tau_up = float(self.tau)
+        spec.tau_down = float(self.tau if self.tau_down is None else self.tau_down)
+        spec.handover_after = self.handover_after or 0
+
+
+@dataclass(frozen=True)
+class Forced(Policy):
+    """Routing from a pattern instead of the entropy (which is still computed every step): `pattern` lists
+    the output positions the LLM produces ("40-47,130-137" or an iterable of ints), or `llm_share` with
+    `mean_run` and `seed` draws runs of LLM positions with that share and mean length."""
+    pattern: str | tuple[int, ...] | None = None
+    llm_share: float | None = None
+    mean_run: float = 8.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.pattern is None) == (self.llm_share is None):
+            raise ValueError("Forced needs exactly one of pattern or llm_share")
+        if self.llm_share is not None and not 0.0 <= self.llm_share <= 1.0:
+            raise ValueError(f"llm_share must be in [0, 1], got {self.llm_share!r}")
+        if self.mean_run < 1:
+            raise ValueError(f"mean_run must be >= 1, got {self.mean_run!r}")
+        if self.pattern is not None and not isinstance(self.pattern, str):
+            object.__setattr__(self, "pattern", tuple(int(p) for p in self.pattern))
+
+    @property
+    def name(self):
+        return f"forced:{self.llm_share:.0%}" if self.llm_share is not None else "forced"
+
+    def llm_positions(self, length: int) -> np.ndarray:
+        """uint8[length]: 1 where the LLM produces that output position."""
+        mask = np.zeros(length, dtype=np.uint8)
+        if isinstance(self.pattern, str):
+            for part in filter(None, (p.strip() for p in self.pattern.split(","))):
+                lo, _, hi = part.partition("-")
+                try:
+                    a, b = int(lo), int(hi or lo)
+                except ValueError:
+                    raise ValueError(f"bad forced pattern item {part!r}; use e.g. '40-47,130'") from None
+                mask[max(a, 0):max(b + 1, 0)] = 1
+        elif self.pattern is not None:
+            idx = np.asarray([p for p in self.pattern if 0 <= p < length], dtype=np.int64)
+            mask[idx] = 1
+        elif self.llm_share > 0:
+            rng = np.random.default_rng(self.seed)
+            gap_mean = self.mean_run * (1 - self.llm_share) / self.llm_share
+            pos = 0
+            while pos < length:
+                pos += int(rng.geometric(1 / (gap_mean + 1))) - 1 if gap_mean > 0 else 0
+                run = int(rng.geometric(1 / self.mean_run))
+                mask[pos:pos + run] = 1
+                pos += run
+        return mask
+
+    def configure(self, spec, max_tokens):
+        spec.start_model = SLM
+        spec.forced = self.llm_positions(max_tokens).tolist()
+
+
+@dataclass(frozen=True)
+class SpecDecode(Policy):
+    """Speculative decoding: the SLM drafts k tokens, the LLM verifies k + 1 in one extend; greedy keeps the
+    longest agreeing prefix plus the LLM's token, sampling uses the rejection rule (output ~ the LLM's)."""
+    k: int = 4
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+
+    @property
+    def name(self):
+        return f"spec:{self.k}"
+
+    def configure(self, spec, max_tokens):
+        spec.start_model, spec.spec_k = SLM, self.k
+
+
+def parse_policy(text: str) -> Policy:
+    """'llm', 'slm', 'rstitch:0.02', 'spec:4', 'handover:0.02' (R-Stitch with handover_after=1)."""
+    kind, _, arg = text.strip().partition(":")
+    try:
+        if kind == "llm" and not arg:
+            return LLMOnly()
+        if kind == "slm" and not arg:
+            return SLMOnly()
+        if kind == "rstitch":
+            return RStitch(tau=float(arg) if arg else 0.02)
+        if kind == "handover":
+            return RStitch(tau=float(arg) if arg else 0.02, handover_after=1)
+        if kind == "spec":
+            return SpecDecode(k=int(arg) if arg else 4)
+    except ValueError as e:
+        raise ValueError(f"bad policy {text!r}: {e}") from None
+    raise ValueError(f"unknown policy {text!r}; use llm, slm, rstitch:<tau>, handover:<tau> or spec:<k>")

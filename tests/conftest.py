@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random checkpoints made once per session, and the Triton interpreter on the CPU."""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through the interpreter; it must be chosen before they are imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (sim_device, reference) import by name
+
+import pytest  # noqa: E402
+
+_CACHE: dict = {}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(arch, **kw) -> path of a tiny random checkpoint, written once per distinct argument set."""
+
+    def make(arch: str = "qwen2", **kw) -> Path:
+        from rstitch_engine.tiny import make_tiny
+
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in _CACHE:
+            name = "-".join([arch] + [f"{k}{v}" for k, v in sorted(kw.items())])
+            _CACHE[key] = make_tiny(tmp_path_factory.mktemp(name), arch, **kw)
+        return _CACHE[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def pair(tiny):
+    """(slm_dir, llm_dir): two tiny qwen2 models of different sizes sharing the tokenizer, with peaky
+    enough distributions that both models produce tokens at moderate thresholds."""
+    slm = tiny("qwen2", seed=1, init_std=0.3, hidden=32, heads=4, kv_heads=2, layers=2)
+    llm = tiny("qwen2", seed=2, init_std=0.3, hidden=64, heads=4, kv_heads=1, layers=3, vocab_pad=13)
+    return slm, llm
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip cleanly where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

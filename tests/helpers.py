@@ -1,0 +1,39 @@
+"""Test helpers: a model's full-sequence logits through the engine's own forward, and the same from HF."""
+from __future__ import annotations
+
+import torch
+
+from rstitch_engine.config import ModelConfig
+from rstitch_engine.engine.kv_pool import KVPool
+from rstitch_engine.engine.ops import AttentionMeta, Ops
+from rstitch_engine.loader import load_weights
+from rstitch_engine.models.decoder import forward, lm_head
+from rstitch_engine.models.rope import cos_sin_table
+
+
+def engine_logits(path, ids: list[int], *, dtype=torch.float32, triton: bool = False, block_size: int = 4):
+    """[T, V] logits of one prefill of `ids` through the paged forward (blocks deliberately shuffled)."""
+    cfg = ModelConfig.from_dir(path)
+    w = load_weights(path, cfg, dtype, torch.device("cpu"))
+    T = len(ids)
+    nb = -(-T // block_size) + 2
+    pool = KVPool(cfg, nb, block_size, dtype, "cpu")
+    order = torch.randperm(nb, generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    slots = (order[torch.arange(T) // block_size] * block_size + torch.arange(T) % block_size).to(torch.int32)
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    meta = AttentionMeta(slot_mapping=slots, block_tables=order[None], seq_slot=i32(0), query_start_loc=i32(0, T),
+                         seq_lens=i32(T), max_query_len=T, scale=cfg.head_dim ** -0.5)
+    hidden = forward(cfg, w, Ops(triton), torch.tensor(ids), torch.arange(T, dtype=torch.int32), pool.layers,
+                     meta, cos_sin_table(cfg, T))
+    return lm_head(w, hidden).float()
+
+
+def hf_model(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def hf_logits(path, ids: list[int], dtype=torch.float32) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(path, dtype)(torch.tensor([ids])).logits[0].float()
