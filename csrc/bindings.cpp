@@ -119,7 +119,6 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("max_tokens", &RequestSpec::max_tokens)
       .def_readwrite("min_tokens", &RequestSpec::min_tokens)
       .def_readwrite("stop_ids", &RequestSpec::stop_ids)
-      .def_readwrite("ignore_eos", &RequestSpec::ignore_eos)
       .def_readwrite("temperature", &RequestSpec::temperature)
       .def_readwrite("top_p", &RequestSpec::top_p)
       .def_readwrite("top_k", &RequestSpec::top_k)

@@ -395,7 +395,7 @@ bool Scheduler::emit(Request& r, int32_t token, int32_t source, float entropy, E
   ev.new_tokens.push_back(token);
   ev.new_sources.push_back(source);
   const auto& stops = r.spec.stop_ids;
-  if (!r.spec.ignore_eos && r.n_out() >= r.spec.min_tokens &&
+  if (r.n_out() >= r.spec.min_tokens &&
       std::find(stops.begin(), stops.end(), token) != stops.end()) {
     end(r, Finish::kStop);
   } else if (r.n_out() >= r.spec.max_tokens || static_cast<int32_t>(r.tokens.size()) >= cfg_.max_model_len) {

@@ -52,8 +52,7 @@ struct RequestSpec {
   std::vector<int32_t> prompt;
   int32_t max_tokens = 16;
   int32_t min_tokens = 0;
-  std::vector<int32_t> stop_ids;
-  bool ignore_eos = false;
+  std::vector<int32_t> stop_ids;  // EOS ids (unless ignored) and the caller's stop token ids
   // sampling
   float temperature = 0.f;
   float top_p = 1.f;

@@ -27,24 +27,24 @@ MIN_TOKENS_PER_SPLIT = 256
 
 
 @triton.jit
-def _split_length(seq_len, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    return tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+def _split_length(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    return tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_slot_ptr, seq_lens_ptr,
-                   out_ptr, part_out_ptr, part_lse_ptr, scale_log2e,
+                   out_ptr, part_out_ptr, part_lse_ptr, scale_log2e, num_splits,
                    q_stride_b, q_stride_h, out_stride_b, out_stride_h, bt_stride,
                    stride_block, stride_offset, stride_head,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+                   BLOCK_N: tl.constexpr, FUSED: tl.constexpr):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + row)
-    split_len = _split_length(seq_len, SPLITS, BLOCK_N)
+    split_len = _split_length(seq_len, num_splits, BLOCK_N)
     key_begin = split * split_len
-    if SPLITS > 1:
+    if not FUSED:
         if key_begin >= seq_len:
             return  # past this row's end; the reduce kernel knows which splits ran
     key_end = tl.minimum(key_begin + split_len, seq_len)
@@ -60,27 +60,26 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_slot_p
                              stride_block, stride_offset, stride_head, scale_log2e,
                              False, PAGE, HEAD_DIM, BLOCK_N)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # seq_len == 0: zeros
-    if SPLITS == 1:
+    if FUSED:
         tl.store(out_ptr + row * out_stride_b + heads[:, None] * out_stride_h + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
     else:
-        part = (row * GROUP * tl.num_programs(1) + heads) * SPLITS + split  # [B, Hq, SPLITS]
+        part = (row * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [B, Hq, splits]
         tl.store(part_lse_ptr + part, m + tl.log2(l), mask=head_mask)
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=head_mask[:, None])
 
 
 @triton.jit
 def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, out_stride_b, out_stride_h,
-                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                          SPLITS_PAD: tl.constexpr):
+                          num_splits, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_PAD: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + row)
-    ran = tl.cdiv(seq_len, tl.maximum(_split_length(seq_len, SPLITS, BLOCK_N), 1))
+    ran = tl.cdiv(seq_len, tl.maximum(_split_length(seq_len, num_splits, BLOCK_N), 1))
     split = tl.arange(0, SPLITS_PAD)
     valid = split < ran
-    part = (row * tl.num_programs(1) + head) * SPLITS + split
-    lse = tl.load(part_lse_ptr + part, mask=valid, other=float("-inf"))
+    part = (row * tl.num_programs(1) + head) * num_splits + split
+    lse = tl.load(part_lse_ptr + part, mask=valid, other=-1.0e30)  # finite: no inf - inf
     weight = tl.where(valid, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)
     dims = tl.arange(0, HEAD_DIM)
     parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
@@ -111,16 +110,15 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_slot, seq_lens
         scratch_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
         scratch_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_slot, seq_lens, out, scratch_out, scratch_lse, scale * LOG2E,
+        q, k_cache, v_cache, block_tables, seq_slot, seq_lens, out, scratch_out, scratch_lse, scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page,
-        BLOCK_N=BLOCK_N, SPLITS=num_splits, num_warps=NUM_WARPS)
+        BLOCK_N=BLOCK_N, FUSED=num_splits == 1, num_warps=NUM_WARPS)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_q_heads)](
-            scratch_out, scratch_lse, seq_lens, out, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=NUM_WARPS)
+            scratch_out, scratch_lse, seq_lens, out, out.stride(0), out.stride(1), num_splits,
+            HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=NUM_WARPS)
     return out
 
 

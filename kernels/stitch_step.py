@@ -21,6 +21,7 @@ from .common import num_sms
 from .random import gumbel_from_hash, gumbel_noise, hash_u32, stream_key
 
 NUM_WARPS = 8
+NUM_STAGES = 3  # cp.async pipelining of the chunk loads (loads ahead of use)
 BYTES_PER_THREAD = 16  # one 16-byte load per thread per chunk
 PROGRAMS_PER_SM = 4
 STITCH_STREAM = 0
@@ -65,12 +66,12 @@ def _finish_row(row, m, s0, s1, best_id, bad, inv_log_v, tau_up_ptr, tau_down_pt
 
 
 @triton.jit
-def _stitch_scan_kernel(logits_ptr, V, vocab_limit, inv_log_v, chunks_per_split,
+def _stitch_scan_kernel(logits_ptr, V, vocab_limit, inv_log_v, chunks_per_split, splits,
                         temperature_ptr, cutoff_ptr, seed_ptr, sample_pos_ptr, tau_up_ptr, tau_down_ptr,
                         tokens_ptr, entropy_ptr, flags_ptr, partials_ptr,
                         table_ptr, table_stride, out_slot_ptr, out_pos_ptr,
-                        IS_LLM: tl.constexpr, HAS_TABLE: tl.constexpr, SPLITS: tl.constexpr,
-                        BLOCK_V: tl.constexpr, STREAM_KEY: tl.constexpr):
+                        IS_LLM: tl.constexpr, HAS_TABLE: tl.constexpr, FUSED: tl.constexpr,
+                        BLOCK_V: tl.constexpr, STREAM_KEY: tl.constexpr, NUM_STAGES: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     temperature = tl.load(temperature_ptr + row)
@@ -91,7 +92,7 @@ def _stitch_scan_kernel(logits_ptr, V, vocab_limit, inv_log_v, chunks_per_split,
     best = tl.full([BLOCK_V], float("-inf"), tl.float32)
     best_id = tl.zeros([BLOCK_V], tl.int32)
     bad = tl.zeros([BLOCK_V], tl.int1)
-    for start in range(col_begin, col_end, BLOCK_V):
+    for start in tl.range(col_begin, col_end, BLOCK_V, num_stages=NUM_STAGES):
         cols = start + lanes
         x = tl.load(row_ptr + cols, mask=cols < col_end, other=float("-inf")).to(tl.float32)
         bad = bad | (x != x) | (x == float("inf"))
@@ -121,35 +122,34 @@ def _stitch_scan_kernel(logits_ptr, V, vocab_limit, inv_log_v, chunks_per_split,
     m_row, s0_row, s1_row = _merge_softmax_stats(m, s0, s1)
     best_row, best_id_row = _merge_argmax(best, best_id)
     bad_row = tl.max(bad.to(tl.int32), axis=0) > 0
-    if SPLITS == 1:
+    if FUSED:
         _finish_row(row, m_row, s0_row, s1_row, best_id_row, bad_row, inv_log_v, tau_up_ptr, tau_down_ptr,
                     tokens_ptr, entropy_ptr, flags_ptr, table_ptr, table_stride, out_slot_ptr, out_pos_ptr,
                     IS_LLM, HAS_TABLE)
     else:
-        part = partials_ptr + (row * FIELDS * SPLITS + split)
+        part = partials_ptr + (row * FIELDS * splits + split)
         tl.store(part, m_row)
-        tl.store(part + SPLITS, s0_row)
-        tl.store(part + 2 * SPLITS, s1_row)
-        tl.store(part + 3 * SPLITS, best_row)
-        tl.store(part + 4 * SPLITS, best_id_row.to(tl.float32))
-        tl.store(part + 5 * SPLITS, bad_row.to(tl.float32))
+        tl.store(part + splits, s0_row)
+        tl.store(part + 2 * splits, s1_row)
+        tl.store(part + 3 * splits, best_row)
+        tl.store(part + 4 * splits, best_id_row.to(tl.float32))
+        tl.store(part + 5 * splits, bad_row.to(tl.float32))
 
 
 @triton.jit
-def _stitch_combine_kernel(partials_ptr, inv_log_v, tau_up_ptr, tau_down_ptr,
+def _stitch_combine_kernel(partials_ptr, splits, inv_log_v, tau_up_ptr, tau_down_ptr,
                            tokens_ptr, entropy_ptr, flags_ptr, table_ptr, table_stride, out_slot_ptr, out_pos_ptr,
-                           IS_LLM: tl.constexpr, HAS_TABLE: tl.constexpr, SPLITS: tl.constexpr,
-                           SPLITS_P2: tl.constexpr):
+                           IS_LLM: tl.constexpr, HAS_TABLE: tl.constexpr, SPLITS_PAD: tl.constexpr):
     row = tl.program_id(0)
-    idx = tl.arange(0, SPLITS_P2)
-    valid = idx < SPLITS
-    part = partials_ptr + row * FIELDS * SPLITS + idx
+    idx = tl.arange(0, SPLITS_PAD)
+    valid = idx < splits
+    part = partials_ptr + row * FIELDS * splits + idx
     m = tl.load(part, mask=valid, other=NEG_BIG)
-    s0 = tl.load(part + SPLITS, mask=valid, other=0.0)
-    s1 = tl.load(part + 2 * SPLITS, mask=valid, other=0.0)
-    best = tl.load(part + 3 * SPLITS, mask=valid, other=float("-inf"))
-    best_id = tl.load(part + 4 * SPLITS, mask=valid, other=0.0).to(tl.int32)
-    bad = tl.load(part + 5 * SPLITS, mask=valid, other=0.0)
+    s0 = tl.load(part + splits, mask=valid, other=0.0)
+    s1 = tl.load(part + 2 * splits, mask=valid, other=0.0)
+    best = tl.load(part + 3 * splits, mask=valid, other=float("-inf"))
+    best_id = tl.load(part + 4 * splits, mask=valid, other=0.0).to(tl.int32)
+    bad = tl.load(part + 5 * splits, mask=valid, other=0.0)
     m_row, s0_row, s1_row = _merge_softmax_stats(m, s0, s1)
     _, best_id_row = _merge_argmax(best, best_id)
     _finish_row(row, m_row, s0_row, s1_row, best_id_row, tl.max(bad, axis=0) > 0, inv_log_v,
@@ -185,17 +185,18 @@ def stitch_step(logits, vocab_limit, temperature, cutoff, seed, sample_pos, tau_
         if splits > 1 else entropy
     has_table = token_table is not None
     table_args = (token_table, token_table.stride(0), out_slot, out_pos) if has_table else (tokens, 0, tokens, tokens)
-    common = dict(IS_LLM=bool(is_llm), HAS_TABLE=has_table, SPLITS=splits)
+    flags_kw = dict(IS_LLM=bool(is_llm), HAS_TABLE=has_table)
     inv_log_v = 1.0 / math.log(vocab)
     _stitch_scan_kernel[(n_rows, splits)](
-        logits, vocab, vocab_limit, inv_log_v, chunks_per_split,
+        logits, vocab, vocab_limit, inv_log_v, chunks_per_split, splits,
         temperature, cutoff, seed, sample_pos, tau_up, tau_down,
         tokens, entropy, flags, partials, *table_args,
-        BLOCK_V=block_v, STREAM_KEY=stream_key(STITCH_STREAM), num_warps=NUM_WARPS, **common)
+        FUSED=splits == 1, BLOCK_V=block_v, STREAM_KEY=stream_key(STITCH_STREAM), NUM_STAGES=NUM_STAGES,
+        num_warps=NUM_WARPS, **flags_kw)
     if splits > 1:
         _stitch_combine_kernel[(n_rows,)](
-            partials, inv_log_v, tau_up, tau_down, tokens, entropy, flags, *table_args,
-            SPLITS_P2=triton.next_power_of_2(splits), num_warps=1, **common)
+            partials, splits, inv_log_v, tau_up, tau_down, tokens, entropy, flags, *table_args,
+            SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1, **flags_kw)
     return outputs
 
 

@@ -41,6 +41,23 @@ def pair(tiny):
     return slm, llm
 
 
+@pytest.fixture(scope="session")
+def close_pair(tiny, tmp_path_factory):
+    """(slm_dir, llm_dir) where the LLM is the SLM with perturbed weights: the two agree on most greedy
+    tokens but not all, as a speculative-decoding pair should."""
+    from safetensors.torch import load_file, save_file
+
+    slm = tiny("qwen2", seed=1, init_std=0.3, hidden=32, heads=4, kv_heads=2, layers=2)
+    llm = tmp_path_factory.mktemp("close-llm")
+    for f in slm.iterdir():
+        (llm / f.name).write_bytes(f.read_bytes())
+    g = torch.Generator().manual_seed(7)
+    weights = {n: t + 0.08 * t.std() * torch.randn(t.shape, generator=g)
+               for n, t in load_file(slm / "model.safetensors").items()}
+    save_file(weights, llm / "model.safetensors")
+    return slm, llm
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` skip cleanly where there is no CUDA device."""
     if torch.cuda.is_available():

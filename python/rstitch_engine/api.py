@@ -174,8 +174,8 @@ class Engine:
         spec.id = self._next_id
         self._next_id += 1
         spec.prompt = ids
-        spec.max_tokens, spec.min_tokens, spec.ignore_eos = params.max_tokens, params.min_tokens, params.ignore_eos
-        spec.stop_ids = sorted(set(self.eos_ids) | set(params.stop_token_ids or []))
+        spec.max_tokens, spec.min_tokens = params.max_tokens, params.min_tokens
+        spec.stop_ids = sorted(set([] if params.ignore_eos else self.eos_ids) | set(params.stop_token_ids or []))
         spec.temperature, spec.top_p, spec.top_k = float(params.temperature), float(params.top_p), params.top_k
         seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
         spec.seed = seed & 0x7FFFFFFF

@@ -55,17 +55,18 @@ def tiny_config(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 2
 
 
 def make_tiny(path: str | Path, arch: str = "qwen2", *, seed: int = 0, vocab_pad: int = 0,
-              with_tokenizer: bool = True, dtype: torch.dtype = torch.float32, init_std: float = 0.02,
+              vocab_size: int | None = None, dtype: torch.dtype = torch.float32, init_std: float = 0.02,
               **config_kw) -> Path:
     """Writes a random checkpoint of `arch` to `path`. `vocab_pad` widens the logits beyond the tokenizer
     (as Qwen2.5-7B pads 151665 tokens to 152064). `init_std` above the HF default makes the next-token
-    distributions peakier, so tiny models show a spread of entropies."""
+    distributions peakier, so tiny models show a spread of entropies. `vocab_size` writes a model of that
+    many tokens and no tokenizer (token-id prompts only)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer()
-    cfg = tiny_config(arch, len(tokenizer) + vocab_pad, init_std=init_std, **config_kw)
+    tokenizer = make_tokenizer() if vocab_size is None else None
+    cfg = tiny_config(arch, (vocab_size or len(tokenizer)) + vocab_pad, init_std=init_std, **config_kw)
     cfg.architectures = [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
                           "qwen3": "Qwen3ForCausalLM"}[arch]]
     torch.manual_seed(seed)
@@ -75,7 +76,7 @@ def make_tiny(path: str | Path, arch: str = "qwen2", *, seed: int = 0, vocab_pad
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     model.to(dtype).save_pretrained(path, safe_serialization=True)
-    if with_tokenizer:
+    if tokenizer is not None:
         tokenizer.save_pretrained(path)
         gen = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
         (path / "generation_config.json").write_text(json.dumps(gen))

@@ -1,0 +1,89 @@
+"""Speculative decoding in the engine: greedy output is the LLM-only output for several k, batched; with
+sampling, the output distribution is the LLM's (chi-square over many seeded runs on a tiny vocabulary)."""
+import itertools
+
+import pytest
+import torch
+
+from helpers import hf_model
+from rstitch_engine import Engine, SamplingParams, policies
+
+PROMPTS = [[5, 17, 200], list(range(40, 61)), [9] * 7 + [250, 3], [100], list(range(300, 340, 3))]
+
+
+@pytest.fixture(scope="module", params=["sync", "overlap"])
+def engine(request, close_pair):
+    return Engine(slm=close_pair[0], llm=close_pair[1], device="cpu", dtype="float32", block_size=4, kv_cache_gb=0.02,
+                  overlap=request.param == "overlap")
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_speculative_decoding_is_llm_only(engine, k):
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    free = engine.num_free_blocks
+    ref = engine.generate(PROMPTS, params, policies.LLMOnly(), use_tqdm=False)
+    outs = engine.generate(PROMPTS, params, policies.SpecDecode(k=k), use_tqdm=False)
+    accepted = 0
+    for r, o in zip(ref, outs):
+        assert o.token_ids == r.token_ids and o.finish_reason == r.finish_reason
+        s = o.stats
+        assert s["accepted"] <= s["drafted"] <= k * s["verify_steps"]
+        assert o.sources.count(1) == s["verify_steps"], "each verification emits one LLM token"
+        assert o.sources.count(0) == s["accepted"]
+        accepted += s["accepted"]
+    assert accepted > 0, "some drafts must be accepted for the test to mean anything"
+    assert engine.num_free_blocks == free
+
+
+def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of Pearson's chi-square test, cells of small expectation merged into one."""
+    n = counts.sum()
+    expected = probs * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat.double() / 2))
+
+
+def _llm_joint(model, prompt, vocab, temperature, top_k):
+    """Exact joint distribution of the first two tokens under the LLM's sampling rule."""
+    def dist(seq):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, -1].double() / temperature
+        if top_k:
+            logits[logits < logits.topk(top_k).values[-1]] = float("-inf")
+        return torch.softmax(logits, -1)
+
+    first = dist(prompt)
+    return torch.stack([first[a] * dist(prompt + [a]) for a in range(vocab)]).flatten()
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 5)])
+def test_sampled_speculative_decoding_follows_the_llm_distribution(tiny, temperature, top_k):
+    vocab, n = 8, 3000
+    slm = tiny("qwen2", vocab_size=vocab, seed=3, init_std=0.6, hidden=32)
+    llm = tiny("qwen2", vocab_size=vocab, seed=4, init_std=0.6, hidden=32, layers=3)
+    eng = Engine(slm=slm, llm=llm, device="cpu", dtype="float32", max_num_seqs=256, kv_cache_gb=0.05)
+    prompt = [1, 5, 3]
+    joint = _llm_joint(hf_model(llm), prompt, vocab, temperature, top_k)
+    params = [SamplingParams(max_tokens=2, temperature=temperature, top_k=top_k, seed=s, ignore_eos=True)
+              for s in range(n)]
+
+    def counts(policy):
+        outs = eng.generate([prompt] * n, params, policy, use_tqdm=False)
+        c = torch.zeros(vocab * vocab, dtype=torch.float64)
+        for o in outs:
+            c[o.token_ids[0] * vocab + o.token_ids[1]] += 1
+        return c, outs
+
+    spec, outs = counts(policies.SpecDecode(k=3))
+    drafted = sum(o.stats["drafted"] for o in outs)
+    accepted = sum(o.stats["accepted"] for o in outs)
+    assert 0.2 < accepted / drafted < 0.95, "acceptance must be partial for rejections to be tested"
+    assert _chi_square_p(spec, joint) > 1e-3
+    slm_only, _ = counts(policies.SLMOnly())
+    assert _chi_square_p(slm_only, joint) < 1e-6, "the test must be able to tell the SLM's distribution apart"
+    assert eng.num_free_blocks == eng.scheduler_config.num_blocks
