@@ -195,6 +195,9 @@ PYBIND11_MODULE(_C, m) {
              d["num_prompt_tokens"] = r.n_prompt;
              d["filled"] = r.filled;
              d["active"] = r.active;
+             std::vector<std::tuple<int32_t, int32_t, int32_t>> trace;
+             for (const auto& t : r.trace) trace.emplace_back(t.model, t.new_tokens, t.cached_tokens);
+             d["trace"] = trace;
              return d;
            })
       .def("release", &Scheduler::release)

@@ -222,7 +222,7 @@ bool Scheduler::schedule(Request& r, int64_t step, std::array<SubBatch, 2>& sub,
   const int32_t span = end - nx.start;
   if (span > 1) (nx.model == kSLM ? r.stats.extend_tokens_slm : r.stats.extend_tokens_llm) += span;
   r.filled[nx.model] = end;
-  r.inflight.push_back({step, nx.model, kind, false});
+  r.inflight.push_back({step, nx.model, kind, nx.start, end, false});
   switch (kind) {
     case Kind::kChunk:
       break;
@@ -407,6 +407,7 @@ bool Scheduler::emit(Request& r, int32_t token, int32_t source, float entropy, E
 void Scheduler::apply(Request& r, const Dispatch& d, const Results& res, int64_t row,
                       std::vector<Event>& events) {
   Event ev{r.spec.id, {}, {}, Finish::kNone};
+  r.trace.push_back({d.model, d.end - d.start, d.start});
   auto nan_error = [&](int64_t at) {
     end(r, Finish::kError,
         std::string("the ") + model_name(d.model) + " produced NaN logits at position " +

@@ -81,7 +81,15 @@ struct Dispatch {
   int64_t step;
   int32_t model;
   Kind kind;
+  int32_t start, end;  // the span of positions fed
   bool stale = false;
+};
+
+// One forward of one model for one request, as the latency estimator needs it.
+struct TraceEntry {
+  int32_t model;
+  int32_t new_tokens;     // N_inf: 1 for a decode, more for an extend
+  int32_t cached_tokens;  // N_kv: KV already in the cache
 };
 
 struct Request {
@@ -105,6 +113,7 @@ struct Request {
   BlockTable table;
   size_t table_synced = 0;              // leading table entries already on the device
   std::deque<Dispatch> inflight;
+  std::vector<TraceEntry> trace;        // committed dispatches, in order (stale ones excluded)
   Stats stats;
 
   int32_t n_out() const { return static_cast<int32_t>(tokens.size()) - n_prompt; }

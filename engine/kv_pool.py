@@ -17,6 +17,7 @@ def num_blocks_for_budget(budget_bytes: int, block_size: int, configs: list[Mode
 
 class KVPool:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
+        self.block_size = block_size
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # NOTE: zeroed, not empty: attention kernels load whole blocks, and 0 * NaN from stale memory in a
         # masked lane would still poison a row.

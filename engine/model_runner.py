@@ -83,18 +83,23 @@ class ModelRunner:
             self.graphs.replay(bucket)
         else:
             self.plan.load(host)
-            self.compute(T, R, L, host.count("max_query_len"), StepFlags.of(host), draft_logits)
+            self.compute(T, R, L, host.count("max_query_len"), StepFlags.of(host), draft_logits,
+                         max_seq_len=host.count("max_seq_len"))
         return L
 
     def compute(self, T: int, R: int, L: int, max_query_len: int, flags: "StepFlags",
-                draft_logits: torch.Tensor | None = None) -> None:
+                draft_logits: torch.Tensor | None = None, max_seq_len: int | None = None) -> None:
         """The step on the device plan's first T tokens / R rows / L logits rows (static shapes: graphs
-        capture it with T = R = L = bucket over padded rows)."""
+        capture it with T = R = L = bucket over padded rows). An eager step passes its longest context,
+        and attention then sees only the block-table columns it needs."""
         v = self.plan.views
+        blocks = self.tables.blocks
+        if max_seq_len is not None:
+            blocks = blocks[:, :-(-max_seq_len // self.pool.block_size)]
         token_index = v.token_index[:T]
         input_ids = torch.where(token_index >= 0, self.tables.tokens.view(-1)[token_index.clamp(min=0)],
                                 v.input_ids[:T])
-        meta = AttentionMeta(slot_mapping=v.slot_mapping[:T], block_tables=self.tables.blocks,
+        meta = AttentionMeta(slot_mapping=v.slot_mapping[:T], block_tables=blocks,
                              seq_slot=v.seq_slot[:R], query_start_loc=v.query_start_loc[:R + 1],
                              seq_lens=v.seq_lens[:R], max_query_len=max_query_len, scale=self.scale)
         hidden = forward(self.cfg, self.weights, self.ops, input_ids, v.positions[:T], self.pool.layers, meta,

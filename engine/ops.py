@@ -27,7 +27,7 @@ class Ops:
         self.triton = triton
         suffix = "" if triton else "_ref"
         pick = lambda name: getattr(K, name + suffix)  # noqa: E731
-        self._rms_norm = pick("rms_norm")
+        self.rms_norm = pick("rms_norm")
         self._rotary = pick("apply_rotary")
         self.store_kv = pick("store_kv")
         self._decode = pick("paged_decode_attention")
@@ -36,12 +36,8 @@ class Ops:
         self.stitch_step = pick("stitch_step")
         self.sampling_cutoff = K.sampling_cutoff
 
-    def rms_norm(self, x, weight, eps, residual=None):
-        return self._rms_norm(x.contiguous(), weight, eps, residual)
-
     def rotary(self, q, k, positions, cos_sin):
-        # The q/k slices of the packed projection are strided views; the kernels rotate in place.
-        q, k = q.contiguous(), k.contiguous()
+        """Rotates in place: q and k may be strided views into the packed qkv projection."""
         self._rotary(q, k, positions, cos_sin)
         return q, k
 

@@ -3,7 +3,6 @@
 Pool per layer: [num_blocks, block_size, num_kv_heads, head_dim]; slot -1 marks padding (skipped).
 One program per token moves its [Hkv, D] key and value tiles.
 """
-import torch
 import triton
 import triton.language as tl
 

@@ -18,13 +18,8 @@ import triton
 import triton.language as tl
 
 _U32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9
-_UNIFORM_SHIFT = 9
-_UNIFORM_SCALE = 2.0 ** -23
-
-
-def stream_key(stream: int) -> int:
-    return (stream * _GOLDEN) & _U32
+UNIFORM_SHIFT = tl.constexpr(9)
+UNIFORM_SCALE = tl.constexpr(2.0 ** -23)
 
 
 # ---------------------------------------------------------------- Triton device functions
@@ -39,17 +34,16 @@ def mix32(x):
 
 
 @triton.jit
-def hash_u32(seed, pos, col, STREAM_KEY: tl.constexpr):
-    """uint32 hash; seed/pos/col are integer scalars or tensors (truncated to 32 bits);
-    STREAM_KEY is stream_key(stream)."""
-    h = mix32(seed.to(tl.uint32) ^ STREAM_KEY)
+def hash_u32(seed, pos, col, STREAM: tl.constexpr):
+    """uint32 hash; seed/pos/col are integer scalars or tensors (truncated to 32 bits)."""
+    h = mix32(seed.to(tl.uint32) ^ ((STREAM * 0x9E3779B9) & 0xFFFFFFFF))
     h = mix32(h ^ pos.to(tl.uint32))
     return mix32(h ^ col.to(tl.uint32))
 
 
 @triton.jit
 def uniform_from_hash(h):
-    return ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
+    return ((h >> UNIFORM_SHIFT).to(tl.float32) + 0.5) * UNIFORM_SCALE
 
 
 @triton.jit
@@ -70,7 +64,7 @@ def mix32_torch(x: torch.Tensor) -> torch.Tensor:
 
 def hash_u32_torch(seed: torch.Tensor, pos: torch.Tensor, col: torch.Tensor, stream: int) -> torch.Tensor:
     """Broadcasting int64 hash in [0, 2**32); same value as the Triton hash_u32."""
-    h = mix32_torch(seed.long() ^ stream_key(stream))
+    h = mix32_torch(seed.long() ^ ((stream * 0x9E3779B9) & _U32))
     h = mix32_torch(h ^ (pos.long() & _U32))
     return mix32_torch(h ^ (col.long() & _U32))
 
@@ -78,7 +72,7 @@ def hash_u32_torch(seed: torch.Tensor, pos: torch.Tensor, col: torch.Tensor, str
 def uniform_noise(seed: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor, stream: int) -> torch.Tensor:
     """[L] seeds, [L] positions, [C] column ids -> [L, C] float32 uniforms in (0, 1)."""
     h = hash_u32_torch(seed[:, None], pos[:, None], cols[None, :], stream)
-    return ((h >> _UNIFORM_SHIFT).float() + 0.5) * _UNIFORM_SCALE
+    return ((h >> UNIFORM_SHIFT.value).float() + 0.5) * UNIFORM_SCALE.value
 
 
 def gumbel_noise(seed: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor, stream: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import num_sms
-from .random import gumbel_from_hash, gumbel_noise, hash_u32, stream_key
+from .random import gumbel_from_hash, gumbel_noise, hash_u32
 
 NUM_WARPS = 8
 NUM_STAGES = 3  # cp.async pipelining of the chunk loads (loads ahead of use)
@@ -71,7 +71,7 @@ def _stitch_scan_kernel(logits_ptr, V, vocab_limit, inv_log_v, chunks_per_split,
                         tokens_ptr, entropy_ptr, flags_ptr, partials_ptr,
                         table_ptr, table_stride, out_slot_ptr, out_pos_ptr,
                         IS_LLM: tl.constexpr, HAS_TABLE: tl.constexpr, FUSED: tl.constexpr,
-                        BLOCK_V: tl.constexpr, STREAM_KEY: tl.constexpr, NUM_STAGES: tl.constexpr):
+                        BLOCK_V: tl.constexpr, STREAM: tl.constexpr, NUM_STAGES: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     temperature = tl.load(temperature_ptr + row)
@@ -109,7 +109,7 @@ def _stitch_scan_kernel(logits_ptr, V, vocab_limit, inv_log_v, chunks_per_split,
         if temperature > 0:
             allowed = allowed & (x >= cutoff)
             if tl.max(allowed.to(tl.int32), axis=0) > 0:  # top-k/top-p leave most chunks empty
-                noise = gumbel_from_hash(hash_u32(seed, pos, cols, STREAM_KEY))
+                noise = gumbel_from_hash(hash_u32(seed, pos, cols, STREAM))
                 score = tl.where(allowed, x * inv_temperature + noise, float("-inf"))
             else:
                 score = tl.full([BLOCK_V], float("-inf"), tl.float32)
@@ -191,7 +191,7 @@ def stitch_step(logits, vocab_limit, temperature, cutoff, seed, sample_pos, tau_
         logits, vocab, vocab_limit, inv_log_v, chunks_per_split, splits,
         temperature, cutoff, seed, sample_pos, tau_up, tau_down,
         tokens, entropy, flags, partials, *table_args,
-        FUSED=splits == 1, BLOCK_V=block_v, STREAM_KEY=stream_key(STITCH_STREAM), NUM_STAGES=NUM_STAGES,
+        FUSED=splits == 1, BLOCK_V=block_v, STREAM=STITCH_STREAM, NUM_STAGES=NUM_STAGES,
         num_warps=NUM_WARPS, **flags_kw)
     if splits > 1:
         _stitch_combine_kernel[(n_rows,)](
@@ -213,7 +213,9 @@ def stitch_step_ref(logits, vocab_limit, temperature, cutoff, seed, sample_pos, 
     head = x[:, :vocab_limit]
     sampled = temperature > 0
     cols = torch.arange(vocab_limit, device=x.device)
-    noise = gumbel_noise(seed, sample_pos, cols, STITCH_STREAM)
+    # NOTE: the engine runs this reference on the CPU only, where reading the flag costs nothing; skipping
+    # the noise of all-greedy steps halves their time.
+    noise = gumbel_noise(seed, sample_pos, cols, STITCH_STREAM) if bool(sampled.any()) else 0.0
     inv_temperature = 1.0 / torch.where(sampled, temperature, 1.0)
     score = torch.where(head >= cutoff[:, None], head * inv_temperature[:, None] + noise, float("-inf"))
     token = torch.where(sampled, score.argmax(-1), head.argmax(-1)).int()

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from rstitch_engine import policies
+from rstitch_engine.policies import parse_policies
+
 from rstitch_engine.evaluation import (PROMPT_SUFFIX, SUMMARY_COLUMNS, answers_equal, build_messages,
                                        extract_answer, generate_problems, load_problems, markdown_table, pareto_plot,
-                                       parse_policies, render_html, render_terminal, run_eval, summarize,
+                                       render_html, render_terminal, run_eval, summarize,
                                        synthetic_problems, token_pieces, write_results)
 from rstitch_engine.evaluation.synthetic import OPS, TEMPLATES
 from rstitch_engine.tiny import make_tokenizer
@@ -266,15 +269,15 @@ def test_token_pieces_edge_cases(tokenizer):
 # --- runner ----------------------------------------------------------------------------------------------
 
 def test_parse_policies():
-    assert parse_policies("llm, slm,spec:4,rstitch:0.02,rstitch:0.05") == [
-        ("llm", ("llm",)), ("slm", ("slm",)), ("spec:4", ("spec", 4)), ("rstitch:0.02", ("rstitch", 0.02)),
-        ("rstitch:0.05", ("rstitch", 0.05))]
+    assert [p.name for p in parse_policies("llm, slm,spec:4,rstitch:0.02,rstitch:0.05,handover:0.1")] == [
+        "llm", "slm", "spec:4", "rstitch:0.02", "rstitch:0.05", "rstitch:0.1/h1"]
+    assert parse_policies("spec:4")[0] == policies.SpecDecode(k=4)
 
 
 @pytest.mark.parametrize("text, message", [
     ("", "empty entry"), ("llm,,slm", "empty entry"), ("llm,llm", "repeats llm"), ("big", "unknown policy"),
-    ("llm:2", "takes no argument"), ("spec:0", "k >= 1"), ("spec:x", "k >= 1"), ("spec:1.5", "k >= 1"),
-    ("rstitch", "tau >= 0"), ("rstitch:-1", "tau >= 0"), ("rstitch:abc", "tau >= 0"), ("rstitch:nan", "tau >= 0"),
+    ("llm:2", "unknown policy"), ("spec:0", "positive integer"), ("spec:x", "bad policy"), ("spec:1.5", "bad policy"),
+    ("rstitch:abc", "bad policy"), ("rstitch:nan", "tau must be a number"),
 ])
 def test_parse_policies_errors(text, message):
     with pytest.raises(ValueError, match=message):

@@ -17,7 +17,7 @@ from .config import CheckpointError, ModelConfig
 from .detokenize import IncrementalDecoder
 from .loader import load_weights
 from .outputs import RequestOutput
-from .policies import LLM, SLM, LLMOnly, Policy, RStitch, SLMOnly
+from .policies import LLM, SLM, LLMOnly, Policy, RStitch, RStitchPlus, SLMOnly
 from .sampling_params import SamplingParams
 from .tokenizer import check_same_vocabulary, load_tokenizer
 
@@ -190,6 +190,22 @@ class Engine:
             raise ValueError(f"policy {policy.name!r} needs the {' and the '.join(missing)}, which this engine "
                              f"did not load (Engine(slm=..., llm=...))")
 
+    def _install_router(self, plus: list) -> None:
+        """Puts the R-Stitch+ router of this call on the SLM's runner (one router per call)."""
+        if not plus:
+            return
+        if len({(id(p.router) if not isinstance(p.router, (str, Path)) else str(p.router), p.temperature)
+                for p in plus}) > 1:
+            raise ValueError("one generate call can use one R-Stitch+ router and router temperature")
+        from .router import Router
+
+        p = plus[0]
+        router = p.router if isinstance(p.router, Router) else Router.load(p.router)
+        if router.hidden_size != self.configs[SLM].hidden_size:
+            raise ValueError(f"the router reads hidden states of size {router.hidden_size}, the SLM's are "
+                             f"{self.configs[SLM].hidden_size}")
+        self.runners[SLM].router = router.to(self.device).on_device(p.temperature)
+
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  policy: Policy | Sequence[Policy] | None = None, use_tqdm: bool = True,
                  on_tokens: Callable[[int, list[int], list[int]], None] | None = None) -> list[RequestOutput]:
@@ -203,6 +219,7 @@ class Engine:
         policy_list = _per_request(policy if policy is not None else self.default_policy, n, "policy", Policy)
         for p in set(policy_list):
             self._check_policy(p)
+        self._install_router([p for p in set(policy_list) if isinstance(p, RStitchPlus)])
         encoded = [self._encode(p) for p in prompts]
         start = time.perf_counter()
         outputs: list[RequestOutput] = [RequestOutput(i, text, ids) for i, (text, ids) in enumerate(encoded)]
@@ -260,6 +277,7 @@ class Engine:
         out.token_ids, out.sources, out.entropies = r["token_ids"], r["sources"], r["entropies"]
         out.finish_reason, out.error = r["finish_reason"], r["error"] or None
         out.stats = dict(r["stats"], latency_s=elapsed)
+        out.trace = [tuple(t) for t in r["trace"]]
         if self.tokenizer is not None:
             out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=params.skip_special_tokens)
             if decoder is not None:

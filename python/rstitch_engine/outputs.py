@@ -16,3 +16,4 @@ class RequestOutput:
     entropies: list[float] = field(default_factory=list)  # normalised entropy each token was drawn from
     stats: dict = field(default_factory=dict)
     error: str | None = None
+    trace: list[tuple[int, int, int]] = field(default_factory=list)  # (model, new tokens, cached tokens) per forward

@@ -152,6 +152,36 @@ class SpecDecode(Policy):
         spec.start_model, spec.spec_k = SLM, self.k
 
 
+@dataclass(frozen=True)
+class RStitchPlus(Policy):
+    """R-Stitch+: where the SLM's entropy exceeds tau, a learned router (rstitch_engine.router) decides
+    whether to keep the SLM token or switch to the LLM; the LLM hands back by the entropy rule.
+    `router` is a router file (.safetensors) or a loaded Router; `temperature` > 0 samples its decisions
+    (exploration during training), 0 takes the likelier one."""
+    router: object = None
+    tau: float = 0.02
+    tau_down: float | None = None
+    temperature: float = 0.0
+
+    def __post_init__(self):
+        if self.router is None:
+            raise ValueError("RStitchPlus needs a router (a .safetensors file or a Router)")
+        _threshold(self.tau, "tau")
+        if self.tau_down is not None:
+            _threshold(self.tau_down, "tau_down")
+        if _threshold(self.temperature, "temperature") < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+
+    @property
+    def name(self):
+        return f"rstitch+:{self.tau:g}"
+
+    def configure(self, spec, max_tokens):
+        spec.start_model, spec.use_router = SLM, True
+        spec.tau_up = float(self.tau)
+        spec.tau_down = float(self.tau if self.tau_down is None else self.tau_down)
+
+
 def parse_policy(text: str) -> Policy:
     """'llm', 'slm', 'rstitch:0.02', 'spec:4', 'handover:0.02' (R-Stitch with handover_after=1)."""
     kind, _, arg = text.strip().partition(":")
@@ -169,3 +199,14 @@ def parse_policy(text: str) -> Policy:
     except ValueError as e:
         raise ValueError(f"bad policy {text!r}: {e}") from None
     raise ValueError(f"unknown policy {text!r}; use llm, slm, rstitch:<tau>, handover:<tau> or spec:<k>")
+
+
+def parse_policies(text: str) -> list[Policy]:
+    """'llm,slm,spec:4,rstitch:0.02' -> one policy each, in order; empty or repeated entries are errors."""
+    names = [name.strip() for name in text.split(",")]
+    if not text.strip() or "" in names:
+        raise ValueError(f"policy list {text!r} has an empty entry; e.g. 'llm,slm,rstitch:0.02'")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"policy list {text!r} repeats {', '.join(repeated)}")
+    return [parse_policy(name) for name in names]

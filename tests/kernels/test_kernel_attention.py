@@ -3,7 +3,7 @@ contiguous K/V (blocks assigned in shuffled order, sequence slots shuffled, stal
 import pytest
 import torch
 
-from kernel_test_utils import (DEVICE, PagedKV, assert_close, dense_attention, poison, randn, rel_err,
+from kernel_test_utils import (DEVICE, PagedKV, assert_close, dense_attention, poison, randn,
                                requires_cuda)
 from rstitch_engine.kernels import (paged_decode_attention, paged_decode_attention_ref, paged_extend_attention,
                                     paged_extend_attention_ref, store_kv)

@@ -8,17 +8,17 @@ import triton.language as tl
 
 from kernel_test_utils import DEVICE
 from rstitch_engine.kernels import gumbel_noise, uniform_noise
-from rstitch_engine.kernels.random import gumbel_from_hash, hash_u32, hash_u32_torch, stream_key, uniform_from_hash
+from rstitch_engine.kernels.random import gumbel_from_hash, hash_u32, hash_u32_torch, uniform_from_hash
 
 
 @triton.jit
 def _noise_kernel(seed_ptr, pos_ptr, cols_ptr, hash_ptr, uniform_ptr, gumbel_ptr, n_cols,
-                  STREAM_KEY: tl.constexpr, BLOCK: tl.constexpr):
+                  STREAM: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     idx = tl.arange(0, BLOCK)
     mask = idx < n_cols
     cols = tl.load(cols_ptr + idx, mask=mask)
-    h = hash_u32(tl.load(seed_ptr + row), tl.load(pos_ptr + row), cols, STREAM_KEY)
+    h = hash_u32(tl.load(seed_ptr + row), tl.load(pos_ptr + row), cols, STREAM)
     out = row * n_cols + idx
     tl.store(hash_ptr + out, h.to(tl.int64), mask=mask)
     tl.store(uniform_ptr + out, uniform_from_hash(h), mask=mask)
@@ -30,7 +30,7 @@ def triton_noise(seed, pos, cols, stream):
     hashes = torch.empty(n_rows, n_cols, dtype=torch.int64, device=DEVICE)
     uniform, gumbel = (torch.empty(n_rows, n_cols, device=DEVICE) for _ in range(2))
     _noise_kernel[(n_rows,)](seed, pos, cols, hashes, uniform, gumbel, n_cols,
-                             STREAM_KEY=stream_key(stream), BLOCK=triton.next_power_of_2(n_cols))
+                             STREAM=stream, BLOCK=triton.next_power_of_2(n_cols))
     return hashes, uniform, gumbel
 
 

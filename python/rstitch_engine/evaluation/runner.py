@@ -6,7 +6,6 @@ pareto.png (accuracy against latency) and view-<policy>.html (one answer per R-S
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from pathlib import Path
@@ -16,42 +15,6 @@ from tqdm import tqdm
 from .answers import answers_equal, build_messages, extract_answer
 from .report import pareto_plot, summarize, write_results
 from .view import render_html, token_pieces
-
-POLICY_KINDS = ("llm", "slm", "spec", "rstitch")
-
-
-def _parse_policy(name: str) -> tuple:
-    kind, sep, arg = name.partition(":")
-    if kind in ("llm", "slm"):
-        if sep:
-            raise ValueError(f"policy {name!r}: {kind!r} takes no argument")
-        return (kind,)
-    if kind not in POLICY_KINDS:
-        raise ValueError(f"unknown policy {name!r}; expected llm, slm, spec:<k> or rstitch:<tau>")
-    if kind == "spec":
-        if not arg.isdigit() or int(arg) < 1:
-            raise ValueError(f"policy {name!r}: spec:<k> needs a whole number of draft tokens k >= 1")
-        return ("spec", int(arg))
-    try:
-        tau = float(arg)
-    except ValueError:
-        tau = math.nan
-    if not math.isfinite(tau) or tau < 0:
-        raise ValueError(f"policy {name!r}: rstitch:<tau> needs an entropy threshold tau >= 0")
-    return ("rstitch", tau)
-
-
-def parse_policies(text: str) -> list[tuple[str, tuple]]:
-    """'llm,slm,spec:4,rstitch:0.02' -> [("llm", ("llm",)), ("slm", ("slm",)), ("spec:4", ("spec", 4)),
-    ("rstitch:0.02", ("rstitch", 0.02))]. The caller turns the spec tuples into policy objects."""
-    names = [name.strip() for name in text.split(",")]
-    if not text.strip() or "" in names:
-        raise ValueError(f"policy list {text!r} has an empty entry; e.g. 'llm,slm,rstitch:0.02'")
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"policy list {text!r} repeats {', '.join(duplicates)}")
-    return [(name, _parse_policy(name)) for name in names]
-
 
 def _file_name(policy: str) -> str:
     """'rstitch:0.02' -> 'rstitch_0.02': safe on every file system."""

@@ -1,0 +1,302 @@
+"""Kernel benchmarks: each Triton kernel against its plain-torch version, on a CUDA device.
+
+    python bench/kernels.py [--quick] [--sweep]
+
+Every op is timed as CUDA-graph replays (launch gaps removed, as in the engine's decode loop), over
+enough rotated input sets to overflow L2, median of several replays. The device's copy bandwidth is
+measured first (large device-to-device copy, bytes read + written); each case reports time, the
+bandwidth achieved on the bytes the kernel must move (inputs read once, outputs written once), its
+share of the copy bandwidth and the speed-up over torch. Results go to
+bench/results/kernels-<device>-<date>.json and .md. --sweep also times stitch_step and decode
+attention under alternative tuning constants (written to the JSON, one line each printed).
+Without CUDA it prints a message and exits 0.
+"""
+import argparse
+import datetime
+import json
+import math
+import platform
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GRAPH_REPLAYS = 15
+
+
+# ---------------------------------------------------------------- timing
+
+def _side_stream_warmup(calls):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+
+
+def graph_time_us(calls, min_calls=16):
+    """Median time of one call, replaying a CUDA graph that runs the calls (one per input set) in turn."""
+    _side_stream_warmup(calls)
+    repeat = max(1, math.ceil(min_calls / len(calls)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            for call in calls:
+                call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(GRAPH_REPLAYS):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (repeat * len(calls)))
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(num_bytes=2 << 30):
+    import triton.testing
+
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=500, return_mode="median")
+    del src, dst
+    return 2 * num_bytes / (ms * 1e-3) / 1e9
+
+
+def input_sets(bytes_per_set, build, l2_bytes, most=16):
+    """Enough independent input sets that cycling through them overflows L2 (3x)."""
+    n = max(1, min(most, math.ceil(3 * l2_bytes / max(bytes_per_set, 1))))
+    return [build(i) for i in range(n)]
+
+
+# ---------------------------------------------------------------- cases
+
+def _gen(i):
+    return torch.Generator(device="cuda").manual_seed(1000 + i)
+
+
+def stitch_cases(n_rows_list, sampled):
+    import rstitch_engine.kernels as K
+
+    vocab, vocab_limit = 152064, 151936
+    for n_rows in n_rows_list:
+        def build(i, n_rows=n_rows):
+            g = _gen(i)
+            logits = (torch.randn(n_rows, vocab, device="cuda", generator=g) * 3).to(torch.bfloat16)
+            f32 = lambda v: torch.full((n_rows,), v, device="cuda")  # noqa: E731
+            return dict(logits=logits, vocab_limit=vocab_limit, temperature=f32(0.7 if sampled else 0.0),
+                        cutoff=f32(float("-inf")), seed=torch.arange(n_rows, device="cuda") + i,
+                        sample_pos=torch.zeros(n_rows, dtype=torch.int32, device="cuda"),
+                        tau_up=f32(0.5), tau_down=f32(0.3), is_llm=0)
+
+        def torch_greedy(a):
+            logp = torch.log_softmax(a["logits"].float(), dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1) / math.log(vocab)
+            return a["logits"][:, :vocab_limit].argmax(-1), entropy
+
+        baseline = ((lambda a: K.stitch_step_ref(**a)), "stitch_step_ref") if sampled \
+            else (torch_greedy, "log_softmax+entropy+argmax")
+        name = "stitch_step sampled T=0.7" if sampled else "stitch_step greedy"
+        yield dict(name=name, shape=f"L={n_rows} V={vocab} bf16", bytes=n_rows * vocab * 2 + n_rows * 12,
+                   build=build, triton=lambda a: K.stitch_step(**a), torch=baseline[0], torch_name=baseline[1],
+                   check=lambda a: _check_stitch(K, a))
+
+
+def _check_stitch(K, a):
+    tokens, entropy, _ = K.stitch_step(**a)
+    ref_tokens, ref_entropy, _ = K.stitch_step_ref(**a)
+    return max(float((tokens != ref_tokens).float().mean()), _rel(entropy, ref_entropy))
+
+
+def decode_cases(contexts, head_configs, batch=32, page=16, head_dim=128):
+    import rstitch_engine.kernels as K
+
+    for context in contexts:
+        for num_q_heads, num_kv_heads in head_configs:
+            blocks_per_seq = context // page
+
+            def build(i, context=context, hq=num_q_heads, hkv=num_kv_heads, bps=blocks_per_seq):
+                g = _gen(i)
+                pool = torch.randn(2, batch * bps, page, hkv, head_dim, device="cuda", generator=g).to(torch.bfloat16)
+                tables = torch.randperm(batch * bps, device="cuda", generator=g).int().view(batch, bps)
+                seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+                q = torch.randn(batch, hq, head_dim, device="cuda", generator=g).to(torch.bfloat16)
+                return (q, pool[0], pool[1], tables, torch.arange(batch, dtype=torch.int32, device="cuda"),
+                        seq_lens, head_dim ** -0.5)
+
+            kv_bytes = 2 * batch * context * num_kv_heads * head_dim * 2
+            yield dict(name="paged_decode_attention", shape=f"B={batch} ctx={context} Hq={num_q_heads} "
+                       f"Hkv={num_kv_heads} D={head_dim} page={page} bf16",
+                       bytes=kv_bytes + 2 * batch * num_q_heads * head_dim * 2 + batch * blocks_per_seq * 4,
+                       build=build, triton=lambda a: K.paged_decode_attention(*a),
+                       torch=lambda a: K.paged_decode_attention_ref(*a), torch_name="paged_decode_attention_ref",
+                       check=lambda a: _rel(K.paged_decode_attention(*a), K.paged_decode_attention_ref(*a)))
+
+
+MODEL_SHAPES = {1536: dict(hq=12, hkv=2, inter=8960), 3584: dict(hq=28, hkv=4, inter=18944)}
+
+
+def elementwise_cases(token_counts):
+    import rstitch_engine.kernels as K
+
+    bf16 = torch.bfloat16
+    for hidden, m in MODEL_SHAPES.items():
+        for tokens in token_counts:
+            def norm_build(i, tokens=tokens, hidden=hidden):
+                g = _gen(i)
+                x, res = (torch.randn(tokens, hidden, device="cuda", generator=g).to(bf16) for _ in range(2))
+                return x, torch.randn(hidden, device="cuda", generator=g).to(bf16), 1e-6, res
+
+            yield dict(name="rms_norm", shape=f"T={tokens} H={hidden} bf16", bytes=2 * tokens * hidden * 2 + hidden * 2,
+                       build=norm_build, triton=lambda a: K.rms_norm(*a[:3]), torch=lambda a: K.rms_norm_ref(*a[:3]),
+                       torch_name="rms_norm_ref", check=lambda a: _rel(K.rms_norm(*a[:3]), K.rms_norm_ref(*a[:3])))
+            yield dict(name="rms_norm+residual", shape=f"T={tokens} H={hidden} bf16",
+                       bytes=4 * tokens * hidden * 2 + hidden * 2, build=norm_build,
+                       triton=lambda a: K.rms_norm(*a[:3], residual=a[3]),
+                       torch=lambda a: K.rms_norm_ref(*a[:3], residual=a[3]), torch_name="rms_norm_ref",
+                       check=lambda a: _rel(K.rms_norm(*a[:3], residual=a[3])[0],
+                                            K.rms_norm_ref(*a[:3], residual=a[3])[0]))
+
+            def rope_build(i, tokens=tokens, hq=m["hq"], hkv=m["hkv"]):
+                g = _gen(i)
+                qkv = torch.randn(tokens, (hq + 2 * hkv) * 128, device="cuda", generator=g).to(bf16)
+                q = qkv[:, :hq * 128].view(tokens, hq, 128)
+                k = qkv[:, hq * 128:(hq + hkv) * 128].view(tokens, hkv, 128)
+                cache = torch.randn(32768, 128, device="cuda", generator=g)
+                return q, k, torch.randint(0, 32768, (tokens,), device="cuda", generator=g).int(), cache
+
+            rope_bytes = 2 * tokens * (m["hq"] + m["hkv"]) * 128 * 2 + tokens * 128 * 4
+            yield dict(name="apply_rotary", shape=f"T={tokens} Hq={m['hq']} Hkv={m['hkv']} D=128 bf16",
+                       bytes=rope_bytes, build=rope_build, triton=lambda a: K.apply_rotary(*a),
+                       torch=lambda a: K.apply_rotary_ref(*a), torch_name="apply_rotary_ref", check=None)
+
+            def act_build(i, tokens=tokens, inter=m["inter"]):
+                return (torch.randn(tokens, 2 * inter, device="cuda", generator=_gen(i)).to(bf16),)
+
+            yield dict(name="silu_and_mul", shape=f"T={tokens} I={m['inter']} bf16", bytes=3 * tokens * m["inter"] * 2,
+                       build=act_build, triton=lambda a: K.silu_and_mul(*a), torch=lambda a: K.silu_and_mul_ref(*a),
+                       torch_name="silu_and_mul_ref", check=lambda a: _rel(K.silu_and_mul(*a), K.silu_and_mul_ref(*a)))
+
+
+def _rel(out, ref):
+    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------- running and reporting
+
+def run_case(case, copy_gbs, l2_bytes):
+    sets = input_sets(case["bytes"], case["build"], l2_bytes)
+    row = dict(kernel=case["name"], shape=case["shape"], bytes=case["bytes"], input_sets=len(sets),
+               torch_version_of_op=case["torch_name"])
+    row["check_rel_err"] = case["check"](sets[0]) if case["check"] else None
+    row["triton_us"] = graph_time_us([lambda a=a: case["triton"](a) for a in sets])
+    try:
+        row["torch_us"] = graph_time_us([lambda a=a: case["torch"](a) for a in sets])
+    except Exception as exc:  # noqa: BLE001 - a baseline that cannot be captured is reported, not fatal
+        row["torch_us"], row["torch_error"] = None, repr(exc)[:200]
+    row["gbs"] = case["bytes"] / (row["triton_us"] * 1e-6) / 1e9
+    row["pct_copy_bw"] = 100 * row["gbs"] / copy_gbs
+    row["speedup"] = row["torch_us"] / row["triton_us"] if row["torch_us"] else None
+    del sets
+    torch.cuda.empty_cache()
+    return row
+
+
+def sweep(copy_gbs, l2_bytes):
+    """Alternative tuning constants for the two kernels that matter most; module constants are
+    read at launch, so setting them is enough."""
+    import rstitch_engine.kernels.decode_attention as D
+    import rstitch_engine.kernels.stitch_step as S
+
+    rows = []
+    grid = [(S, dict(NUM_WARPS=w, NUM_STAGES=st, PROGRAMS_PER_SM=p, BYTES_PER_THREAD=b), stitch_cases([1, 256], False))
+            for w in (4, 8, 16) for st in (1, 3, 4) for p in (2, 4, 8) for b in (16, 32)]
+    grid += [(D, dict(BLOCK_N=n, NUM_WARPS=w, PROGRAMS_PER_SM=p), decode_cases([1024, 8192], [(28, 4)]))
+             for n in (32, 64, 128) for w in (4, 8) for p in (2, 4, 8)]
+    for module, consts, cases in grid:
+        saved = {k: getattr(module, k) for k in consts}
+        for k, v in consts.items():
+            setattr(module, k, v)
+        try:
+            for case in cases:
+                sets = input_sets(case["bytes"], case["build"], l2_bytes)
+                us = graph_time_us([lambda a=a: case["triton"](a) for a in sets])
+                gbs = case["bytes"] / (us * 1e-6) / 1e9
+                rows.append(dict(kernel=case["name"], shape=case["shape"], consts=consts, triton_us=us,
+                                 pct_copy_bw=100 * gbs / copy_gbs))
+                print(f"sweep {case['name']:24s} {case['shape']:45s} {consts} {us:9.2f} us {100 * gbs / copy_gbs:5.1f}%")
+        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for one combination
+            print(f"sweep {module.__name__} {consts}: {exc!r}"[:300])
+        finally:
+            for k, v in saved.items():
+                setattr(module, k, v)
+    return rows
+
+
+def markdown(meta, rows):
+    lines = [f"# Kernel benchmarks: {meta['device']}", "",
+             f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}; "
+             f"copy bandwidth {meta['copy_gbs']:.0f} GB/s (read + write); CUDA-graph replays, median.", "",
+             "| kernel | shape | Triton us | GB/s | % copy BW | torch us | speed-up | torch version | rel err |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for r in rows:
+        torch_us = f"{r['torch_us']:.2f}" if r["torch_us"] else "n/a"
+        speedup = f"{r['speedup']:.1f}x" if r["speedup"] else "n/a"
+        err = f"{r['check_rel_err']:.1e}" if r["check_rel_err"] is not None else ""
+        lines.append(f"| {r['kernel']} | {r['shape']} | {r['triton_us']:.2f} | {r['gbs']:.0f} | "
+                     f"{r['pct_copy_bw']:.1f} | {torch_us} | {speedup} | {r['torch_version_of_op']} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer cases (one per kernel family)")
+    parser.add_argument("--sweep", action="store_true", help="also sweep tuning constants")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/kernels.py: no CUDA device here, nothing to measure; run it on a GPU machine.")
+        return 0
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    copy_gbs = copy_bandwidth_gbs()
+    now = datetime.datetime.now()
+    meta = dict(device=props.name, sms=props.multi_processor_count, l2_bytes=props.L2_cache_size,
+                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                date=now.isoformat(timespec="seconds"), copy_gbs=copy_gbs)
+    print(f"{props.name}: copy bandwidth {copy_gbs:.0f} GB/s")
+    if args.quick:
+        cases = [*stitch_cases([1, 256], False), *decode_cases([1024], [(28, 4)]), *elementwise_cases([32])]
+    else:
+        cases = [*stitch_cases([1, 8, 64, 256], False), *stitch_cases([1, 256], True),
+                 *decode_cases([1024, 8192], [(28, 4), (12, 2)]), *elementwise_cases([1, 32, 256])]
+    rows = []
+    for case in cases:
+        row = run_case(case, copy_gbs, props.L2_cache_size)
+        rows.append(row)
+        torch_us = f"{row['torch_us']:9.2f}" if row["torch_us"] else "      n/a"
+        print(f"{row['kernel']:26s} {row['shape']:45s} {row['triton_us']:9.2f} us {row['gbs']:7.0f} GB/s "
+              f"{row['pct_copy_bw']:5.1f}%  torch {torch_us} us")
+    result = dict(meta=meta, cases=rows)
+    if args.sweep:
+        result["sweep"] = sweep(copy_gbs, props.L2_cache_size)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"kernels-{re.sub(r'[^A-Za-z0-9]+', '-', props.name).strip('-')}-{now:%Y-%m-%d-%H%M}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{stem}.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+    print(f"wrote {RESULTS / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
