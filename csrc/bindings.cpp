@@ -110,7 +110,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("vocab_size", &SchedulerConfig::vocab_size)
       .def_readwrite("max_inflight", &SchedulerConfig::max_inflight)
       .def_readwrite("optimistic_llm", &SchedulerConfig::optimistic_llm)
-      .def_readwrite("watermark_blocks", &SchedulerConfig::watermark_blocks);
+      .def_readwrite("watermark_blocks", &SchedulerConfig::watermark_blocks)
+      .def_readwrite("llm_min_batch", &SchedulerConfig::llm_min_batch)
+      .def_readwrite("llm_max_wait", &SchedulerConfig::llm_max_wait);
 
   py::class_<RequestSpec>(m, "RequestSpec")
       .def(py::init<>())
@@ -129,7 +131,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("handover_after", &RequestSpec::handover_after)
       .def_readwrite("forced", &RequestSpec::forced)
       .def_readwrite("use_router", &RequestSpec::use_router)
-      .def_readwrite("spec_k", &RequestSpec::spec_k);
+      .def_readwrite("spec_k", &RequestSpec::spec_k)
+      .def_readwrite("accept_rate", &RequestSpec::accept_rate);
 
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init<const SchedulerConfig&>())

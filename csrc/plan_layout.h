@@ -4,7 +4,6 @@
 #pragma once
 
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -41,47 +40,47 @@ struct PlanLayout {
   int32_t max_tokens, max_rows, max_logits;
   std::vector<Field> fields;
   int64_t i32_size = 0, f32_size = 0;
+  // Offsets of each field in its buffer, resolved once (the planner writes them per row).
+  int64_t header, input_ids, token_index, positions, slot_mapping, query_start_loc, seq_lens, seq_slot,
+      logits_indices, out_slot, out_pos, sample_pos, spec_index, top_k, seed, verify_start, use_router,
+      temperature, top_p, tau_up, tau_down, accept_rate, router_features;
 
   PlanLayout(int32_t tokens, int32_t rows, int32_t logits)
       : max_tokens(tokens), max_rows(rows), max_logits(logits) {
-    add("header", 'i', kHeaderSize);
+    header = add("header", 'i', kHeaderSize);
     // per token
-    add("input_ids", 'i', tokens);    // token id known on the host, else -1
-    add("token_index", 'i', tokens);  // flat index into the device token table, else -1
-    add("positions", 'i', tokens);
-    add("slot_mapping", 'i', tokens);
+    input_ids = add("input_ids", 'i', tokens);      // token id known on the host, else -1
+    token_index = add("token_index", 'i', tokens);  // flat index into the device token table, else -1
+    positions = add("positions", 'i', tokens);
+    slot_mapping = add("slot_mapping", 'i', tokens);
     // per forward row
-    add("query_start_loc", 'i', rows + 1);
-    add("seq_lens", 'i', rows);
-    add("seq_slot", 'i', rows);
+    query_start_loc = add("query_start_loc", 'i', rows + 1);
+    seq_lens = add("seq_lens", 'i', rows);
+    seq_slot = add("seq_slot", 'i', rows);
     // per logits row
-    add("logits_indices", 'i', logits);
-    add("out_slot", 'i', logits);   // token-table row that receives the produced token
-    add("out_pos", 'i', logits);    // its position there; -1: not written (verify rows)
-    add("sample_pos", 'i', logits); // position of the produced token: the sampling noise key
-    add("spec_index", 'i', logits); // j of the j-th draft (SLM) or of the j-th verify row (LLM); else -1
-    add("top_k", 'i', logits);      // 0: off
-    add("seed", 'i', logits);
-    add("verify_start", 'i', logits);  // logits row of the group's first row; -1: not a verify row
-    add("use_router", 'i', logits);
-    add("temperature", 'f', logits);
-    add("top_p", 'f', logits);
-    add("tau_up", 'f', logits);     // SLM row: H > tau_up discards its token and switches to the LLM
-    add("tau_down", 'f', logits);   // LLM row: H <= tau_down hands the next position back to the SLM
-    add("router_features", 'f', static_cast<int64_t>(logits) * kRouterFeatures);
-  }
-
-  const Field& field(const std::string& name) const {
-    for (const auto& f : fields)
-      if (f.name == name) return f;
-    throw std::out_of_range("no plan field " + name);
+    logits_indices = add("logits_indices", 'i', logits);
+    out_slot = add("out_slot", 'i', logits);      // token-table row that receives the produced token
+    out_pos = add("out_pos", 'i', logits);        // its position there; -1: not written (verify rows)
+    sample_pos = add("sample_pos", 'i', logits);  // position of the produced token: the sampling noise key
+    spec_index = add("spec_index", 'i', logits);  // j of the j-th draft (SLM) or verify row (LLM); else -1
+    top_k = add("top_k", 'i', logits);            // 0: off
+    seed = add("seed", 'i', logits);
+    verify_start = add("verify_start", 'i', logits);  // logits row of the group's first row; -1: not verify
+    use_router = add("use_router", 'i', logits);
+    temperature = add("temperature", 'f', logits);
+    top_p = add("top_p", 'f', logits);
+    tau_up = add("tau_up", 'f', logits);      // SLM row: H > tau_up discards its token, switches to the LLM
+    tau_down = add("tau_down", 'f', logits);  // LLM row: H <= tau_down hands the next position back
+    accept_rate = add("accept_rate", 'f', logits);  // verify rows: accept drafts with this probability; < 0: verify
+    router_features = add("router_features", 'f', static_cast<int64_t>(logits) * kRouterFeatures);
   }
 
  private:
-  void add(const char* name, char type, int64_t length) {
+  int64_t add(const char* name, char type, int64_t length) {
     int64_t& size = type == 'i' ? i32_size : f32_size;
     fields.push_back({name, type, size, length});
     size += length;
+    return fields.back().offset;
   }
 };
 

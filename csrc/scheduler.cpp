@@ -56,6 +56,7 @@ std::string Scheduler::add(const RequestSpec& spec) {
   if (may_use_slm && !cfg_.has_model[kSLM]) return "this policy needs the SLM, which is not loaded";
   if (spec.spec_k < 0 || spec.spec_k + 1 > cfg_.max_logits_rows)
     return "spec k must be in [0, max_logits_rows - 1]";
+  if (spec.accept_rate > 1.f) return "accept_rate must be at most 1";
 
   auto r = std::make_unique<Request>();
   r->spec = spec;
@@ -151,6 +152,17 @@ void Scheduler::rollback(Request& r) {
   r.awaiting = false;
   blocks_.truncate(r.table, len);
   r.table_synced = std::min(r.table_synced, r.table.size());
+}
+
+bool Scheduler::park_llm_rows() {
+  if (cfg_.llm_min_batch <= 1) return false;
+  int32_t ready = 0, waited = 0;
+  for (const Request* r : running_) {
+    if (r->spec.spec_k != 0 || r->active != kLLM || !dispatchable(*r)) continue;
+    ++ready;
+    waited = std::max(waited, r->parked_steps);
+  }
+  return ready > 0 && ready < cfg_.llm_min_batch && waited < cfg_.llm_max_wait;
 }
 
 bool Scheduler::dispatchable(const Request& r) const {
@@ -259,57 +271,52 @@ float Scheduler::tau_down(const Request& r, int32_t out_index) const {
   return r.spec.tau_down;
 }
 
-int32_t* Scheduler::field(SubBatch& sb, const char* name) const { return sb.i32 + layout_.field(name).offset; }
-float* Scheduler::ffield(SubBatch& sb, const char* name) const { return sb.f32 + layout_.field(name).offset; }
-
 void Scheduler::write_row(Request& r, SubBatch& sb, int32_t model, Kind kind, int32_t start, int32_t end,
                           int32_t num_logits) {
+  const PlanLayout& L = layout_;
   const int32_t n = end - start, t0 = sb.tokens, row = sb.rows;
   const int32_t committed = static_cast<int32_t>(r.tokens.size());
-  int32_t* input_ids = field(sb, "input_ids") + t0;
-  int32_t* token_index = field(sb, "token_index") + t0;
-  int32_t* positions = field(sb, "positions") + t0;
-  int32_t* slots = field(sb, "slot_mapping") + t0;
+  int32_t* const I = sb.i32;
+  float* const F = sb.f32;
   for (int32_t i = 0; i < n; ++i) {
-    const int32_t pos = start + i;
+    const int32_t pos = start + i, t = t0 + i;
     const bool known = pos < committed;  // else an in-flight token: read it from the device token table
-    input_ids[i] = known ? r.tokens[pos] : -1;
-    token_index[i] = known ? -1 : r.seq_slot * cfg_.max_model_len + pos;
-    positions[i] = pos;
-    slots[i] = static_cast<int32_t>(blocks_.slot(r.table, pos));
+    I[L.input_ids + t] = known ? r.tokens[pos] : -1;
+    I[L.token_index + t] = known ? -1 : r.seq_slot * cfg_.max_model_len + pos;
+    I[L.positions + t] = pos;
+    I[L.slot_mapping + t] = static_cast<int32_t>(blocks_.slot(r.table, pos));
   }
-  int32_t* qsl = field(sb, "query_start_loc");
-  qsl[row] = t0;
-  qsl[row + 1] = t0 + n;
-  field(sb, "seq_lens")[row] = end;
-  field(sb, "seq_slot")[row] = r.seq_slot;
-  int32_t* header = sb.i32;
+  I[L.query_start_loc + row] = t0;
+  I[L.query_start_loc + row + 1] = t0 + n;
+  I[L.seq_lens + row] = end;
+  I[L.seq_slot + row] = r.seq_slot;
+  int32_t* header = I + L.header;
   header[kMaxSeqLen] = std::max(header[kMaxSeqLen], end);
   header[kMaxQueryLen] = std::max(header[kMaxQueryLen], n);
 
   const bool sampling = r.spec.temperature > 0.f;
-  const bool router = kind == Kind::kStitch && model == kSLM && r.spec.use_router && r.spec.forced.empty();
-  const int32_t l0 = sb.logits;
+  const bool stitch = kind == Kind::kStitch;
+  const bool router = stitch && model == kSLM && r.spec.use_router && r.spec.forced.empty();
+  const int32_t l0 = sb.logits, n_out = r.n_out();
   for (int32_t j = 0; j < num_logits; ++j) {
     const int32_t li = l0 + j;
     const int32_t pred = end - num_logits + j + 1;  // position of the token this row produces
     const int32_t out_index = pred - r.n_prompt;
-    field(sb, "logits_indices")[li] = t0 + n - num_logits + j;
-    field(sb, "out_slot")[li] = r.seq_slot;
-    field(sb, "out_pos")[li] = kind == Kind::kVerify ? -1 : pred;
-    field(sb, "sample_pos")[li] = pred;
-    field(sb, "spec_index")[li] = kind == Kind::kVerify ? j : kind == Kind::kDraft ? r.drafts_dispatched : -1;
-    field(sb, "top_k")[li] = r.spec.top_k;
-    field(sb, "seed")[li] = r.spec.seed;
-    field(sb, "verify_start")[li] = kind == Kind::kVerify ? l0 : -1;
-    field(sb, "use_router")[li] = router ? 1 : 0;
-    ffield(sb, "temperature")[li] = r.spec.temperature;
-    ffield(sb, "top_p")[li] = r.spec.top_p;
-    const bool stitch = kind == Kind::kStitch;
-    ffield(sb, "tau_up")[li] = stitch && model == kSLM ? tau_up(r, out_index) : kInf;
-    ffield(sb, "tau_down")[li] = stitch && model == kLLM ? tau_down(r, out_index) : -kInf;
-    float* feat = ffield(sb, "router_features") + static_cast<int64_t>(li) * kRouterFeatures;
-    const int32_t n_out = r.n_out();
+    I[L.logits_indices + li] = t0 + n - num_logits + j;
+    I[L.out_slot + li] = r.seq_slot;
+    I[L.out_pos + li] = kind == Kind::kVerify ? -1 : pred;
+    I[L.sample_pos + li] = pred;
+    I[L.spec_index + li] = kind == Kind::kVerify ? j : kind == Kind::kDraft ? r.drafts_dispatched : -1;
+    I[L.top_k + li] = r.spec.top_k;
+    I[L.seed + li] = r.spec.seed;
+    I[L.verify_start + li] = kind == Kind::kVerify ? l0 : -1;
+    I[L.use_router + li] = router ? 1 : 0;
+    F[L.temperature + li] = r.spec.temperature;
+    F[L.top_p + li] = r.spec.top_p;
+    F[L.tau_up + li] = stitch && model == kSLM ? tau_up(r, out_index) : kInf;
+    F[L.tau_down + li] = stitch && model == kLLM ? tau_down(r, out_index) : -kInf;
+    F[L.accept_rate + li] = kind == Kind::kVerify ? r.spec.accept_rate : -1.f;
+    float* feat = F + L.router_features + static_cast<int64_t>(li) * kRouterFeatures;
     feat[0] = static_cast<float>(pred) / 4096.f;
     feat[1] = static_cast<float>(out_index) / static_cast<float>(r.spec.max_tokens);
     feat[2] = n_out > 0 ? static_cast<float>(r.stats.llm_tokens) / static_cast<float>(n_out) : 0.f;
@@ -343,7 +350,7 @@ int32_t Scheduler::plan(int64_t step, std::array<PlanBuffers, 2> bufs, int32_t* 
     if (cfg_.has_model[m]) {
       if (!sub[m].i32 || !sub[m].f32) throw std::invalid_argument(std::string("no plan buffers for the ") + model_name(m));
       std::fill(sub[m].i32, sub[m].i32 + kHeaderSize, 0);
-      field(sub[m], "query_start_loc")[0] = 0;
+      (sub[m].i32 + layout_.query_start_loc)[0] = 0;
     } else {
       sub[m].rows = layout_.max_rows;  // nothing can be planned on a model that is not loaded
     }
@@ -354,8 +361,15 @@ int32_t Scheduler::plan(int64_t step, std::array<PlanBuffers, 2> bufs, int32_t* 
   StepRecord rec;
 
   const std::vector<Request*> snapshot(running_);  // preemption edits running_
-  for (Request* r : snapshot)
-    if (dispatchable(*r)) schedule(*r, step, sub, rec);
+  const bool park = park_llm_rows();
+  for (Request* r : snapshot) {
+    if (!dispatchable(*r)) continue;
+    if (park && r->spec.spec_k == 0 && r->active == kLLM) {
+      r->parked_steps++;
+      continue;
+    }
+    if (schedule(*r, step, sub, rec)) r->parked_steps = 0;
+  }
 
   while (!waiting_.empty() && !free_slots_.empty()) {
     Request& r = *waiting_.front();

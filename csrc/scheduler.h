@@ -45,6 +45,10 @@ struct SchedulerConfig {
   int32_t max_inflight = 1;        // 2: plan step t+1 before step t's results are committed
   bool optimistic_llm = true;      // with overlap: dispatch an LLM row again before its hand-back is known
   int32_t watermark_blocks = 0;    // blocks kept free at admission while others run
+  // R2R-style parking: LLM rows wait until `llm_min_batch` of them are ready or one has waited
+  // `llm_max_wait` steps (1: no parking).
+  int32_t llm_min_batch = 1;
+  int32_t llm_max_wait = 0;
 };
 
 struct RequestSpec {
@@ -66,6 +70,7 @@ struct RequestSpec {
   std::vector<uint8_t> forced;     // forced[i]: model that produces output token i (overrides entropy)
   bool use_router = false;         // R-Stitch+: the router decides SLM rows with H > tau_up
   int32_t spec_k = 0;              // > 0: speculative decoding, SLM drafts k, LLM verifies k + 1
+  float accept_rate = -1.f;        // benchmarks: accept drafts with this probability instead of verifying
 };
 
 struct Stats {
@@ -109,6 +114,7 @@ struct Request {
   std::vector<std::pair<int32_t, float>> drafts;  // speculative drafts committed so far (token, entropy)
   int32_t drafts_dispatched = 0;
   bool awaiting = false;                // the next dispatch needs the in-flight results first
+  int32_t parked_steps = 0;             // steps this row has waited for an LLM batch to form
   int32_t seq_slot = -1;
   BlockTable table;
   size_t table_synced = 0;              // leading table entries already on the device
@@ -183,6 +189,7 @@ class Scheduler {
   };
 
   bool dispatchable(const Request& r) const;
+  bool park_llm_rows();  // true: hold this step's LLM rows back so that a larger LLM batch forms
   // Plans r's next dispatch; false when it does not fit this step.
   bool schedule(Request& r, int64_t step, std::array<SubBatch, 2>& sub, StepRecord& rec);
   // Covers r's table up to num_tokens, preempting newer requests if needed; false if r itself was preempted.
@@ -197,8 +204,6 @@ class Scheduler {
   void end(Request& r, Finish why, const std::string& error = "");
   float tau_up(const Request& r, int32_t out_index) const;
   float tau_down(const Request& r, int32_t out_index) const;
-  int32_t* field(SubBatch& sb, const char* name) const;
-  float* ffield(SubBatch& sb, const char* name) const;
   Request& get(int64_t id);
 
   SchedulerConfig cfg_;

@@ -133,4 +133,4 @@ class ModelRunner:
         if flags.verify:
             verify_drafts(logits, self.vocab_limit, tokens, result_flags, v.verify_start[rows], v.spec_index[rows],
                           v.sample_pos[rows], v.out_slot[rows], v.seed[rows], temperature, top_k, top_p, cutoff,
-                          self.tables.tokens, draft_logits if flags.sampling else None)
+                          self.tables.tokens, draft_logits if flags.sampling else None, v.accept_rate[rows])

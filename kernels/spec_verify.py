@@ -27,10 +27,12 @@ def _masked_probs(logits: torch.Tensor, temperature: torch.Tensor, cutoff: torch
 
 
 def verify_drafts(logits, vocab_limit: int, tokens, flags, verify_start, spec_index, sample_pos, out_slot,
-                  seed, temperature, top_k, top_p, cutoff, token_table, draft_logits=None) -> None:
+                  seed, temperature, top_k, top_p, cutoff, token_table, draft_logits=None,
+                  accept_rate=None) -> None:
     """Rewrites `tokens` and `flags` of verify rows in place and writes each group's final token to
     `token_table`. `draft_logits[slot, j]` holds the SLM logits draft j was sampled from (needed only
-    when some row samples)."""
+    when some row samples). Rows with `accept_rate >= 0` (benchmarks) accept each draft with that
+    probability instead of verifying it, to time speculative decoding at a chosen acceptance rate."""
     is_verify = verify_start >= 0
     next_start = torch.cat([verify_start[1:], verify_start.new_full((1,), -2)])
     has_draft = is_verify & (next_start == verify_start)  # every row but the group's last
@@ -51,6 +53,9 @@ def verify_drafts(logits, vocab_limit: int, tokens, flags, verify_start, spec_in
         sampling = temperature > 0
         accept = torch.where(sampling, sampled_accept, accept)
         final_token = torch.where(sampling & has_draft, resampled, tokens)
+    if accept_rate is not None:
+        forced = uniform_noise(seed, sample_pos, sample_pos.new_zeros(1), stream=1)[:, 0] < accept_rate
+        accept = torch.where(accept_rate >= 0, forced, accept)
     accept = accept & has_draft & ((flags & NAN) == 0)
     # A row is kept when no row before it in its group was rejected.
     rejected = (is_verify & ~accept).int()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from reference import stitch
 from rstitch_engine import _C
 
 KEEP, NEXT_LLM = _C.KEEP, _C.NEXT_LLM
@@ -24,34 +25,11 @@ def model_output(model: int, context: list[int], vocab: int) -> tuple[int, float
 
 def reference(prompt: list[int], max_tokens: int, eos: int, vocab: int, *, tau_up: float, tau_down: float,
               start: int = 0, handover_after: int = 0, forced=None, spec_k: int = 0):
-    """The rules of method.md by full recomputation: returns (tokens, sources)."""
-    seq, out, src, active, run = list(prompt), [], [], start, 0
-    if spec_k:  # greedy speculative decoding emits exactly the LLM's greedy tokens
-        tau_up, tau_down, start, active = float("inf"), float("-inf"), 1, 1
-    while len(out) < max_tokens:
-        token, h = model_output(active, seq, vocab)
-        i = len(out)
-        if active == 0:
-            switch = (forced[i] == 1 if forced is not None and i < len(forced) else False) if forced is not None \
-                else h > tau_up
-            if switch:
-                active = 1
-                continue
-            seq.append(token), out.append(token), src.append(0)
-        else:
-            seq.append(token), out.append(token), src.append(1)
-            run += 1
-            if forced is not None:
-                back = not (i + 1 < len(forced) and forced[i + 1] == 1)
-            elif handover_after:
-                back = run >= handover_after
-            else:
-                back = h <= tau_down
-            if back:
-                active, run = 0, 0
-        if token == eos:
-            break
-    return out, src
+    """The rules of method.md on the fake models (greedy speculative decoding emits the LLM's tokens)."""
+    if spec_k:
+        tau_up, tau_down, start = float("inf"), float("-inf"), 1
+    return stitch(lambda m, seq: model_output(m, seq, vocab), prompt, max_tokens, {eos}, tau_up=tau_up,
+                  tau_down=tau_down, start=start, handover_after=handover_after, forced=forced)
 
 
 class SimDevice:
@@ -69,6 +47,8 @@ class SimDevice:
         self.i32 = {m: np.zeros(sched.i32_size, np.int32) for m in (0, 1)}
         self.f32 = {m: np.zeros(sched.f32_size, np.float32) for m in (0, 1)}
         self.updates = np.zeros(sched.table_update_size, np.int32)
+        self.rows_run = {0: [], 1: []}  # rows of each executed sub-batch
+        self.nan_slots: set[int] = set()  # sequence slots whose logits come out NaN
         self.results = {m: (np.zeros(cap, np.int32), np.zeros(cap, np.float32), np.zeros(cap, np.int32))
                         for m in (0, 1)}
 
@@ -89,6 +69,7 @@ class SimDevice:
         f = lambda name: self.field(m, name)  # noqa: E731
         header = f("header")
         T, R, L = header[_C.HEADER["num_tokens"]], header[_C.HEADER["num_rows"]], header[_C.HEADER["num_logits"]]
+        self.rows_run[m].append(int(R))
         ids, tix, pos, slots = f("input_ids"), f("token_index"), f("positions"), f("slot_mapping")
         for t in range(T):
             token = ids[t] if tix[t] < 0 else self.tokens.flat[tix[t]]
@@ -110,6 +91,8 @@ class SimDevice:
                 flags[li] = KEEP if keep else NEXT_LLM
             else:
                 flags[li] = KEEP | (0 if ent[li] <= f("tau_down")[li] else NEXT_LLM)
+            if slot in self.nan_slots:
+                tok[li], ent[li], flags[li] = -1, float("nan"), _C.NAN
             if f("out_pos")[li] >= 0:
                 self.tokens[f("out_slot")[li], f("out_pos")[li]] = tok[li]
         self._verify(m, L, tok, flags)
@@ -148,12 +131,14 @@ class SimDevice:
 
 
 def make_scheduler(*, num_blocks=64, block_size=4, max_num_seqs=8, max_model_len=128, max_step_tokens=64,
-                   max_logits_rows=32, vocab=50, max_inflight=1, optimistic_llm=True, models=(0, 1)):
+                   max_logits_rows=32, vocab=50, max_inflight=1, optimistic_llm=True, models=(0, 1),
+                   llm_min_batch=1, llm_max_wait=0):
     c = _C.SchedulerConfig()
     c.num_blocks, c.block_size, c.max_num_seqs, c.max_model_len = num_blocks, block_size, max_num_seqs, max_model_len
     c.max_step_tokens, c.max_logits_rows, c.vocab_size = max_step_tokens, max_logits_rows, vocab
     c.has_model = (0 in models, 1 in models)
     c.max_inflight, c.optimistic_llm = max_inflight, optimistic_llm
+    c.llm_min_batch, c.llm_max_wait = llm_min_batch, llm_max_wait
     return _C.Scheduler(c)
 
 

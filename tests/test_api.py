@@ -160,3 +160,15 @@ def test_cli_make_tiny_and_help(tmp_path):
     assert helptext.returncode == 0
     for command in ("generate", "make-tiny"):
         assert command in helptext.stdout
+
+
+def test_cli_eval_runs_end_to_end_on_a_tiny_pair(pair, tmp_path, capsys):
+    out = tmp_path / "eval"
+    main(["eval", "--slm", str(pair[0]), "--llm", str(pair[1]), "--synthetic", "3", "--max-tokens", "8",
+          "--policies", "llm,slm,rstitch:0.72,spec:2", "--out", str(out), "--no-progress"])
+    table = capsys.readouterr().out
+    for name in ("llm", "slm", "rstitch:0.72", "spec:2"):
+        assert name in table
+    for f in ("records.jsonl", "summary.json", "summary.md", "pareto.png", "view-rstitch_0.72.html"):
+        assert (out / f).stat().st_size > 0
+    assert len((out / "records.jsonl").read_text().splitlines()) == 12

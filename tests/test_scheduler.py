@@ -26,9 +26,11 @@ def add(sched, rid, prompt, max_tokens, **policy):
     return sched.add(spec)
 
 
-def run_batch(policy: dict, ref_kw: dict, *, n=6, max_tokens=40, max_inflight=1, seed=0, **sched_kw):
+def run_batch(policy: dict, ref_kw: dict, *, n=6, max_tokens=40, max_inflight=1, seed=0, device=None, **sched_kw):
     sched = make_scheduler(max_inflight=max_inflight, vocab=VOCAB, **sched_kw)
     dev = SimDevice(sched, 8, 128, VOCAB)
+    if device is not None:
+        device.append(dev)
     ps = prompts(n, seed)
     for i, p in enumerate(ps):
         assert add(sched, i, p, max_tokens, **policy) == ""
@@ -56,6 +58,18 @@ def test_rstitch_matches_reference(tau, max_inflight):
         assert set(sources) == {0}
     else:
         assert set(sources) == {0, 1}, "both models must produce tokens at this tau"
+
+
+@pytest.mark.parametrize("max_inflight", [1, 2])
+def test_parking_llm_rows_changes_timing_not_outputs(max_inflight):
+    mean_llm_batch = []
+    for park in (dict(), dict(llm_min_batch=4, llm_max_wait=3)):
+        devices = []
+        run_batch(dict(tau_up=0.5, tau_down=0.5), dict(tau_up=0.5, tau_down=0.5), max_inflight=max_inflight,
+                  device=devices, **park)
+        rows = devices[0].rows_run[1]
+        mean_llm_batch.append(sum(rows) / len(rows))
+    assert mean_llm_batch[1] > 1.2 * mean_llm_batch[0], mean_llm_batch
 
 
 def test_separate_thresholds():
@@ -151,4 +165,19 @@ def test_abort_and_errors_free_blocks_and_spare_the_others():
     assert sched.output(0)["finish_reason"] == "abort"
     assert sched.output(1)["finish_reason"] == "error" and sched.output(1)["error"] == "boom"
     assert all(sched.output(i)["finish_reason"] in ("stop", "length") for i in (2, 3))
+    assert sched.num_free_blocks == sched.num_blocks
+
+
+@pytest.mark.parametrize("policy", [dict(tau_up=0.5, tau_down=0.5), dict(spec_k=3)])
+def test_nan_logits_fail_one_request_only(policy):
+    sched = make_scheduler(max_inflight=2)
+    dev = SimDevice(sched, 8, 128, VOCAB)
+    ps = prompts(4)
+    for i, p in enumerate(ps):
+        add(sched, i, p, 20, **policy)
+    dev.nan_slots.add(1)  # sequence slots are handed out in admission order: request 1 gets slot 1
+    run_to_completion(sched, dev, 2)
+    assert sched.output(1)["finish_reason"] == "error" and "NaN" in sched.output(1)["error"]
+    for i in (0, 2, 3):
+        assert sched.output(i)["finish_reason"] in ("stop", "length")
     assert sched.num_free_blocks == sched.num_blocks

@@ -17,6 +17,7 @@ from .config import CheckpointError, ModelConfig
 from .detokenize import IncrementalDecoder
 from .loader import load_weights
 from .outputs import RequestOutput
+from .random_models import random_config, random_weights
 from .policies import LLM, SLM, LLMOnly, Policy, RStitch, RStitchPlus, SLMOnly
 from .sampling_params import SamplingParams
 from .tokenizer import check_same_vocabulary, load_tokenizer
@@ -29,36 +30,48 @@ MODEL_NAMES = {SLM: "SLM", LLM: "LLM"}
 
 class Engine:
     """`Engine(llm=dir)` for one model, `Engine(slm=small_dir, llm=large_dir)` for R-Stitch and friends.
+    A model is a checkpoint directory, a .gguf file, a hub id, "demo:slm"/"demo:llm", or "random:<shape>"
+    (random weights of a real model's shape, for benchmarks; see random_models.py).
 
     kv_cache_gb: KV memory for both pools together (default: `gpu_memory_utilization` of the free device
     memory on CUDA, 1 GB on the CPU). overlap: plan step t+1 before step t's results are read (default
     on CUDA). kernels: "triton" or "torch" (default: Triton on CUDA, the torch references on the CPU).
     cuda_graphs: capture decode steps as CUDA graphs (default on CUDA; "emulate" runs the same padded
-    static-shape steps without capturing, for tests on the CPU).
+    static-shape steps without capturing, for tests on the CPU). llm_min_batch / llm_max_wait: park rows
+    that need the LLM until that many are ready or one has waited that many steps (R2R-style; 1: off).
     """
 
     def __init__(self, llm: str | Path | None = None, slm: str | Path | None = None, *, device=None,
                  dtype: str | torch.dtype | None = None, kv_cache_gb: float | None = None,
                  gpu_memory_utilization: float = 0.85, max_model_len: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, max_logits_rows: int | None = None, block_size: int = 16,
-                 overlap: bool | None = None, optimistic_llm: bool = True, kernels: str | None = None,
-                 cuda_graphs: bool | str | None = None, seed: int = 0, progress: bool = False):
+                 overlap: bool | None = None, optimistic_llm: bool = True, llm_min_batch: int = 1,
+                 llm_max_wait: int = 4, kernels: str | None = None, cuda_graphs: bool | str | None = None,
+                 seed: int = 0, progress: bool = False):
         from .model_source import resolve_model
 
         if llm is None and slm is None:
             raise ValueError("Engine needs llm=..., slm=..., or both")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(dtype, self.device)
-        self.paths = {m: resolve_model(src, progress=progress) for m, src in ((SLM, slm), (LLM, llm))
-                      if src is not None}
-        self.configs = {m: ModelConfig.from_dir(p) for m, p in self.paths.items()}
+        self.paths: dict[int, Path | None] = {}  # None: random weights of a named shape (benchmarks)
+        self.configs: dict[int, ModelConfig] = {}
+        for m, src in ((SLM, slm), (LLM, llm)):
+            if isinstance(src, str) and src.startswith("random:"):
+                self.paths[m], self.configs[m] = None, random_config(src)
+            elif src is not None:
+                self.paths[m] = resolve_model(src, progress=progress)
+                self.configs[m] = ModelConfig.from_dir(self.paths[m])
         self.tokenizer = self._tokenizer()
         self.vocab_limit = self._vocab_limit()
         self.eos_ids = self._eos_ids()
         self.max_model_len = self._max_model_len(max_model_len)
-        self.weights = {m: load_weights(p, self.configs[m], self.dtype, self.device) for m, p in self.paths.items()}
+        self.weights = {m: load_weights(p, self.configs[m], self.dtype, self.device) if p is not None
+                        else random_weights(self.configs[m], self.dtype, self.device, seed=seed + m)
+                        for m, p in self.paths.items()}
         self._build_runtime(kv_cache_gb, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
-                            max_logits_rows, block_size, overlap, optimistic_llm, kernels, cuda_graphs)
+                            max_logits_rows, block_size, overlap, optimistic_llm, (llm_min_batch, llm_max_wait),
+                            kernels, cuda_graphs)
         self._rng = random.Random(seed)
         self._next_id = 0
         self.default_policy: Policy = RStitch() if len(self.paths) == 2 else (
@@ -66,7 +79,7 @@ class Engine:
 
     # ---- construction -------------------------------------------------------------------------------
     def _tokenizer(self):
-        toks = {m: load_tokenizer(p) for m, p in self.paths.items()}
+        toks = {m: load_tokenizer(p) for m, p in self.paths.items() if p is not None}
         if all(t is not None for t in toks.values()) and len(toks) == 2:
             check_same_vocabulary(toks[SLM], toks[LLM], self.paths[SLM], self.paths[LLM])
         return toks.get(LLM) or toks.get(SLM)
@@ -84,8 +97,8 @@ class Engine:
         ids = set()
         for m, p in self.paths.items():
             ids.update(self.configs[m].eos_token_ids)
-            gen = Path(p) / "generation_config.json"
-            if gen.is_file():
+            gen = Path(p or "") / "generation_config.json"
+            if p is not None and gen.is_file():
                 eos = json.loads(gen.read_text()).get("eos_token_id")
                 ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -99,7 +112,7 @@ class Engine:
         return requested or limit
 
     def _build_runtime(self, kv_cache_gb, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
-                       max_logits_rows, block_size, overlap, optimistic_llm, kernels, cuda_graphs):
+                       max_logits_rows, block_size, overlap, optimistic_llm, parking, kernels, cuda_graphs):
         from rstitch_engine.engine.kv_pool import KVPool, num_blocks_for_budget
         from rstitch_engine.engine.model_runner import DeviceTables, ModelRunner
         from rstitch_engine.engine.ops import Ops
@@ -132,6 +145,7 @@ class Engine:
         sc.max_inflight = 2 if overlap else 1
         sc.optimistic_llm = optimistic_llm
         sc.watermark_blocks = max(1, num_blocks // 100)
+        sc.llm_min_batch, sc.llm_max_wait = parking
         self.sched = _C.Scheduler(sc)
         self.scheduler_config = sc
         self.kv_pools = {m: KVPool(self.configs[m], num_blocks, block_size, self.dtype, self.device)

@@ -154,6 +154,48 @@ def cmd_eval(args) -> None:
     print(f"\nwrote {args.out}/: records.jsonl, summary.json, summary.md, pareto.png, view-*.html")
 
 
+def _bench_prompts(args, engine) -> list[list[int]]:
+    from .bench import synthetic_prompts
+    from .evaluation import build_messages, load_problems
+
+    if args.prompts is None:
+        return synthetic_prompts(args.num_prompts, args.prompt_len, engine.vocab_limit, args.prompt_seed)
+    if engine.tokenizer is None:
+        sys.exit("error: --prompts needs models with a tokenizer")
+    questions = [p["question"] for p in load_problems(args.prompts)][:args.num_prompts]
+    texts = [engine.tokenizer.apply_chat_template(build_messages(q), tokenize=False, add_generation_prompt=True)
+             for q in questions]
+    return [engine.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+def cmd_bench(args) -> None:
+    from . import Engine
+    from .bench import COLUMNS, run_bench, tok_s_plot
+    from .evaluation import markdown_table, write_results
+    from .policies import parse_policies
+
+    if args.random_shapes:
+        slm, _, llm = args.random_shapes.partition(",")
+        args.slm, args.llm = f"random:{slm}", f"random:{llm}" if llm else None
+    engine = Engine(llm=args.llm, slm=args.slm, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
+                    max_model_len=args.max_model_len, max_num_seqs=max(args.num_prompts, 1), progress=True)
+    prompts = _bench_prompts(args, engine)
+    params = _params(args)
+    params.ignore_eos = args.random_shapes is not None  # random models emit EOS at random
+    rows = run_bench(engine, prompts, parse_policies(args.policies), params)
+    title = f"{args.slm} / {args.llm}, batch {len(prompts)}, {args.max_tokens} new tokens"
+    print(markdown_table(rows, COLUMNS, title=title))
+    if args.out:
+        from pathlib import Path
+
+        out = Path(args.out)
+        meta = {"slm": str(args.slm), "llm": str(args.llm), "dtype": str(engine.dtype), "device": str(engine.device),
+                "max_tokens": args.max_tokens, "command": " ".join(sys.argv)}
+        write_results(out, "bench", [{k: r.get(k) for k in COLUMNS} for r in rows], meta)
+        tok_s_plot(rows, out / "bench.png", title)
+        print(f"wrote {out}/bench.json, bench.md, bench.png")
+
+
 def cmd_make_tiny(args) -> None:
     from .tiny import make_tiny
 
@@ -177,6 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="latency and throughput of several policies side by side",
+                       description="Times each policy on the same engine and prompts (LLM-only first, as the "
+                                   "baseline): latency per request (mean/p50/p90), tok/s, LLM share, switches "
+                                   "per 1k tokens, draft acceptance, speed-up. With --random-shapes, models are "
+                                   "random weights of real shapes; route them with forced:<share>[:<run>] and "
+                                   "spec:<k>@<acceptance> policies.")
+    p.add_argument("--policies", default="llm,slm,spec:4,rstitch:0.02,rstitch:0.05")
+    p.add_argument("--random-shapes", metavar="SLM,LLM", help="e.g. 1.5b,7b (see random_models.py)")
+    p.add_argument("--prompts", help="JSONL of {\"question\"} (chat-templated); default: random token prompts")
+    p.add_argument("--num-prompts", type=int, default=1, help="the batch: all prompts run together")
+    p.add_argument("--prompt-len", type=int, default=128, help="length of random prompts")
+    p.add_argument("--prompt-seed", type=int, default=0)
+    p.add_argument("--out", help="folder for bench.json, bench.md, bench.png")
+    _engine_args(p)
+    _sampling_args(p, max_tokens=256)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint with a small tokenizer",
                        description="Writes a tiny random HF checkpoint (config.json, model.safetensors, a small "

@@ -100,9 +100,19 @@ class Forced(Policy):
         if self.pattern is not None and not isinstance(self.pattern, str):
             object.__setattr__(self, "pattern", tuple(int(p) for p in self.pattern))
 
+    @classmethod
+    def periodic(cls, llm_share: float, run: int, length: int) -> "Forced":
+        """Exactly `llm_share` of `length` positions, in LLM runs of `run` at a fixed period."""
+        if llm_share <= 0:
+            return cls(pattern=())
+        period = max(run, round(run / llm_share))
+        return cls(pattern=tuple(p for p in range(length) if p % period >= period - run))
+
     @property
     def name(self):
-        return f"forced:{self.llm_share:.0%}" if self.llm_share is not None else "forced"
+        if self.llm_share is not None:
+            return f"forced:{self.llm_share:g}:{self.mean_run:g}"
+        return f"forced:pattern[{len(self.pattern) if not isinstance(self.pattern, str) else self.pattern}]"
 
     def llm_positions(self, length: int) -> np.ndarray:
         """uint8[length]: 1 where the LLM produces that output position."""
@@ -137,19 +147,25 @@ class Forced(Policy):
 @dataclass(frozen=True)
 class SpecDecode(Policy):
     """Speculative decoding: the SLM drafts k tokens, the LLM verifies k + 1 in one extend; greedy keeps the
-    longest agreeing prefix plus the LLM's token, sampling uses the rejection rule (output ~ the LLM's)."""
+    longest agreeing prefix plus the LLM's token, sampling uses the rejection rule (output ~ the LLM's).
+    `accept_rate` (benchmarks only) accepts each draft with that probability instead of verifying it."""
     k: int = 4
+    accept_rate: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be a positive integer, got {self.k!r}")
+        if self.accept_rate is not None and not 0.0 <= self.accept_rate <= 1.0:
+            raise ValueError(f"accept_rate must be in [0, 1], got {self.accept_rate!r}")
 
     @property
     def name(self):
-        return f"spec:{self.k}"
+        return f"spec:{self.k}" + (f"@{self.accept_rate:g}" if self.accept_rate is not None else "")
 
     def configure(self, spec, max_tokens):
         spec.start_model, spec.spec_k = SLM, self.k
+        if self.accept_rate is not None:
+            spec.accept_rate = float(self.accept_rate)
 
 
 @dataclass(frozen=True)
@@ -183,9 +199,17 @@ class RStitchPlus(Policy):
 
 
 def parse_policy(text: str) -> Policy:
-    """'llm', 'slm', 'rstitch:0.02', 'spec:4', 'handover:0.02' (R-Stitch with handover_after=1)."""
+    """'llm', 'slm', 'rstitch:0.02', 'handover:0.02' (R-Stitch with handover_after=1), 'spec:4', and for
+    benchmarks 'spec:4@0.7' (drafts accepted with probability 0.7) and 'forced:0.1:8' (10% LLM positions
+    in runs of mean length 8)."""
     kind, _, arg = text.strip().partition(":")
     try:
+        if kind == "spec" and "@" in arg:
+            k, _, rate = arg.partition("@")
+            return SpecDecode(k=int(k), accept_rate=float(rate))
+        if kind == "forced":
+            share, _, run = arg.partition(":")
+            return Forced(llm_share=float(share), mean_run=float(run) if run else 8.0)
         if kind == "llm" and not arg:
             return LLMOnly()
         if kind == "slm" and not arg:
@@ -198,7 +222,8 @@ def parse_policy(text: str) -> Policy:
             return SpecDecode(k=int(arg) if arg else 4)
     except ValueError as e:
         raise ValueError(f"bad policy {text!r}: {e}") from None
-    raise ValueError(f"unknown policy {text!r}; use llm, slm, rstitch:<tau>, handover:<tau> or spec:<k>")
+    raise ValueError(f"unknown policy {text!r}; use llm, slm, rstitch:<tau>, handover:<tau>, spec:<k>, "
+                     f"spec:<k>@<accept rate> or forced:<llm share>[:<mean run>]")
 
 
 def parse_policies(text: str) -> list[Policy]:

@@ -1,0 +1,101 @@
+"""`rstitch bench`: every policy on the same engine, prompts and hardware, in one run, side by side.
+
+Per policy: latency per request (mean, p50, p90), throughput (all tokens / wall time), decode speed of a
+request (tokens after its first / time after its first), the LLM's share of tokens, switches per 1k
+tokens, draft acceptance (speculative), and the speed-up over LLM-only. Forced policies get one seed per
+request, so batched rows switch independently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from .policies import Forced, LLMOnly, Policy
+from .sampling_params import SamplingParams
+
+COLUMNS = ["policy", "batch", "requests", "tokens", "tok_s", "decode_tok_s", "mean_latency_s", "p50_latency_s",
+           "p90_latency_s", "llm_share", "switches_per_1k", "acceptance", "stale_rows", "speedup_vs_llm"]
+
+
+def _sync(engine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)  # NOTE: outside the timed loop, brackets the measurement
+
+
+def _per_request(policy: Policy, n: int) -> list[Policy]:
+    if isinstance(policy, Forced) and policy.llm_share is not None:
+        return [dataclasses.replace(policy, seed=policy.seed + i) for i in range(n)]
+    return [policy] * n
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 else values[0]
+
+
+def time_policy(engine, prompts: list[list[int]], params: SamplingParams, policy: Policy) -> dict:
+    """One timed generate() of all prompts (after a short warm-up) and its metrics."""
+    warm = dataclasses.replace(params, max_tokens=min(params.max_tokens, 8))
+    engine.generate(prompts[:2], warm, policy, use_tqdm=False)
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+
+    def stamp(i, tokens, sources):
+        now = time.perf_counter()
+        first.setdefault(i, now)
+        last[i] = now
+
+    _sync(engine)
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params, _per_request(policy, len(prompts)), use_tqdm=False, on_tokens=stamp)
+    _sync(engine)
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outs)
+    latencies = [o.stats["latency_s"] for o in outs]
+    total = lambda key: sum(o.stats[key] for o in outs)  # noqa: E731
+    decode = [(len(o.token_ids) - 1) / (last[i] - first[i]) for i, o in enumerate(outs)
+              if len(o.token_ids) > 1 and last[i] > first[i]]
+    return {
+        "policy": policy.name, "batch": len(prompts), "requests": len(outs), "tokens": tokens,
+        "tok_s": tokens / wall, "decode_tok_s": statistics.mean(decode) if decode else None,
+        "mean_latency_s": statistics.mean(latencies), "p50_latency_s": _quantile(latencies, 0.5),
+        "p90_latency_s": _quantile(latencies, 0.9), "llm_share": total("llm_tokens") / max(tokens, 1),
+        "switches_per_1k": 1000 * (total("switches_to_llm") + total("switches_to_slm")) / max(tokens, 1),
+        "acceptance": total("accepted") / total("drafted") if total("drafted") else None,
+        "stale_rows": total("stale_rows"), "wall_s": wall,
+        "traces": [o.trace for o in outs],
+    }
+
+
+def run_bench(engine, prompts: list[list[int]], policies: list[Policy], params: SamplingParams) -> list[dict]:
+    """Times each policy (LLM-only first when the LLM is loaded, as the baseline) and adds the speed-up."""
+    order = list(policies)
+    if 1 in engine.paths and not any(isinstance(p, LLMOnly) for p in order):
+        order.insert(0, LLMOnly())
+    rows = [time_policy(engine, prompts, params, p) for p in order]
+    base = next((r for r in rows if r["policy"] == "llm"), None)
+    for r in rows:
+        r["speedup_vs_llm"] = r["tok_s"] / base["tok_s"] if base else None
+    return rows
+
+
+def synthetic_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (n, length), generator=g).tolist()
+
+
+def tok_s_plot(rows: list[dict], path, title: str) -> None:
+    """Throughput per policy as bars (matplotlib Agg, imported lazily)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar([r["policy"] for r in rows], [r["tok_s"] for r in rows], color="tab:blue")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,74 @@
+"""Benchmark support: random-weight models of real shapes, forced routing patterns, forced draft
+acceptance, and `rstitch bench` (smoke-run on tiny shapes; the real numbers come from a GPU)."""
+import numpy as np
+import pytest
+import torch
+
+from rstitch_engine import Engine, SamplingParams, policies
+from rstitch_engine.bench import COLUMNS, run_bench, synthetic_prompts
+from rstitch_engine.cli import main
+from rstitch_engine.random_models import SHAPES, streamed_bytes
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(slm="random:tiny", llm="random:small", device="cpu", kv_cache_gb=0.01, max_model_len=512)
+
+
+def test_shapes_match_the_published_rooflines():
+    # peers.md: 970 tok/s (1.5B) and 212 tok/s (7B) at 3.00 TB/s, batch 1, bf16
+    assert 3.0e12 / streamed_bytes(SHAPES["1.5b"], torch.bfloat16) == pytest.approx(970, rel=0.01)
+    assert 3.0e12 / streamed_bytes(SHAPES["7b"], torch.bfloat16) == pytest.approx(212, rel=0.01)
+
+
+def test_forced_pattern_routes_exactly(engine):
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    out = engine.generate([[5, 6, 7]], params, policies.Forced(pattern="10-17,40-41,59"), use_tqdm=False)[0]
+    want = [1 if 10 <= i <= 17 or 40 <= i <= 41 or i == 59 else 0 for i in range(60)]
+    assert out.sources == want
+    assert out.stats["switches_to_llm"] == 3 and out.stats["switches_to_slm"] == 2
+
+
+def test_synthetic_forced_share_and_run_length():
+    mask = policies.Forced(llm_share=0.1, mean_run=8, seed=3).llm_positions(200_000)
+    assert mask.mean() == pytest.approx(0.1, abs=0.01)
+    runs = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]]))))[::2]
+    assert runs.mean() == pytest.approx(8, rel=0.1)
+    assert not policies.Forced(llm_share=0.0).llm_positions(100).any()
+    assert policies.Forced(llm_share=1.0).llm_positions(100).all()
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.8])
+def test_forced_acceptance_rate(engine, alpha):
+    k = 4
+    params = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+    outs = engine.generate([[i, i + 1] for i in range(3, 19)], params, policies.SpecDecode(k=k, accept_rate=alpha),
+                           use_tqdm=False)
+    rounds = sum(o.stats["verify_steps"] for o in outs)
+    accepted = sum(o.stats["accepted"] for o in outs)
+    # accepted drafts per full round: alpha + alpha^2 + ... + alpha^k (the last rounds may be shorter)
+    assert accepted / rounds == pytest.approx(sum(alpha ** j for j in range(1, k + 1)), rel=0.15)
+
+
+def test_run_bench_rows(engine):
+    prompts = synthetic_prompts(3, 16, engine.vocab_limit)
+    rows = run_bench(engine, prompts, [policies.SLMOnly(), policies.Forced(llm_share=0.2, mean_run=4)],
+                     SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    assert [r["policy"] for r in rows] == ["llm", "slm", "forced:0.2:4"]
+    assert rows[0]["speedup_vs_llm"] == 1.0 and rows[0]["llm_share"] == 1.0 and rows[1]["llm_share"] == 0.0
+    assert all(set(COLUMNS) <= set(r) for r in rows)
+    assert all(r["tokens"] == 72 and r["tok_s"] > 0 for r in rows)
+    forced = rows[2]
+    assert 0 < forced["llm_share"] < 1 and forced["switches_per_1k"] > 0
+    # rows switch independently: one seed per request
+    assert len({tuple(t[0] for t in trace) for trace in forced["traces"]}) > 1
+
+
+def test_cli_bench_random_shapes(tmp_path, capsys):
+    main(["bench", "--random-shapes", "tiny,small", "--policies", "slm,forced:0.1:8,spec:2@0.7", "--num-prompts",
+          "2", "--max-tokens", "16", "--device", "cpu", "--out", str(tmp_path)])
+    table = capsys.readouterr().out
+    for name in ("llm", "slm", "forced:0.1:8", "spec:2@0.7"):
+        assert f"| {name} |" in table
+    for f in ("bench.json", "bench.md", "bench.png"):
+        assert (tmp_path / f).stat().st_size > 0
