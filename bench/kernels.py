@@ -7,8 +7,10 @@ enough rotated input sets to overflow L2, median of several replays. The device'
 measured first (large device-to-device copy, bytes read + written); each case reports time, the
 bandwidth achieved on the bytes the kernel must move (inputs read once, outputs written once), its
 share of the copy bandwidth and the speed-up over torch. Results go to
-bench/results/kernels-<device>-<date>.json and .md. --sweep also times stitch_step and decode
-attention under alternative tuning constants (written to the JSON, one line each printed).
+bench/results/kernels-<device>-<date>.json and .md. --sweep also times stitch_step, decode
+attention and the fused skinny GEMMs under alternative tuning constants (written to the JSON, one line
+each printed). Fused GEMM rows also time cuBLAS F.linear alone; decoder-layer rows give the device
+kernels per layer of the fused and the unfused forward (profiler count).
 Without CUDA it prints a message and exits 0.
 """
 import argparse
@@ -187,6 +189,160 @@ def elementwise_cases(token_counts):
                        torch_name="silu_and_mul_ref", check=lambda a: _rel(K.silu_and_mul(*a), K.silu_and_mul_ref(*a)))
 
 
+REAL_MODELS = {"1.5B": "1.5b", "7B": "7b"}  # rstitch_engine.random_models.SHAPES
+
+
+def _gemv_case(name, model, m, n, k, fused, unfused, unfused_name, cublas, ref, extra_bytes=0, x_cols=None):
+    """One skinny GEMM case; inputs a dict: x [m, x_cols or k], act [m, k], res [m, k], nw [k], w [n, k],
+    b [n]. Bytes: weight, x and output once, plus `extra_bytes` elements."""
+    def build(i):
+        g = _gen(i)
+        rand = lambda *shape: torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
+        return dict(x=rand(m, x_cols or k), act=rand(m, k), res=rand(m, k), nw=rand(k), w=rand(n, k) * 0.02,
+                    b=rand(n))
+
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    return dict(name=name, shape=f"M={m} N={n} K={k} bf16 ({model})",
+                bytes=2 * (n * k + m * (x_cols or k) + m * n + extra_bytes), build=build, triton=fused,
+                torch=unfused, torch_name=unfused_name, cublas=cublas, gemv=True,
+                check=lambda a: _rel(first(fused(a)), first(ref(a))))
+
+
+def fused_cases(row_counts):
+    """The fused skinny GEMMs of a decode layer against the unfused composition the engine uses above
+    ops.FUSED_MAX_ROWS (cuBLAS F.linear + the norm / activation kernels); `cublas` times F.linear alone.
+    Then rope_store against apply_rotary + store_kv."""
+    import torch.nn.functional as F
+
+    import rstitch_engine.kernels as K
+    from rstitch_engine.kernels import fused_linear as FL
+    from rstitch_engine.kernels import rope_store as RS
+    from rstitch_engine.random_models import SHAPES
+
+    eps = 1e-6
+    for model, key in REAL_MODELS.items():
+        cfg = SHAPES[key]
+        H, I, hq, hkv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads
+        qkv = cfg.q_size + 2 * cfg.kv_size
+        for m in row_counts:
+            yield _gemv_case(
+                "norm_linear qkv (+res, bias)", model, m, qkv, H,
+                lambda a: FL.norm_linear(a["x"], a["res"], a["nw"], a["w"], a["b"], eps),
+                lambda a: FL.unfused_norm_linear(K.rms_norm, a["x"], a["res"], a["nw"], a["w"], a["b"], eps),
+                "rms_norm + F.linear", lambda a: F.linear(a["x"], a["w"], a["b"]),
+                lambda a: FL.norm_linear_ref(a["x"], a["res"], a["nw"], a["w"], a["b"], eps),
+                extra_bytes=2 * m * H + H + qkv)
+            yield _gemv_case(
+                "norm_linear gate_up (+res)", model, m, 2 * I, H,
+                lambda a: FL.norm_linear(a["x"], a["res"], a["nw"], a["w"], None, eps),
+                lambda a: FL.unfused_norm_linear(K.rms_norm, a["x"], a["res"], a["nw"], a["w"], None, eps),
+                "rms_norm + F.linear", lambda a: F.linear(a["x"], a["w"]),
+                lambda a: FL.norm_linear_ref(a["x"], a["res"], a["nw"], a["w"], None, eps), extra_bytes=2 * m * H + H)
+            yield _gemv_case(  # as the decoder calls it: the residual joins in the next norm_linear
+                "linear o_proj", model, m, H, cfg.q_size,
+                lambda a: FL.linear(a["x"], a["w"]), lambda a: F.linear(a["x"], a["w"]),
+                "F.linear", None, lambda a: FL.linear_ref(a["x"], a["w"]))
+            yield _gemv_case(
+                "silu_mul_linear down", model, m, H, I,
+                lambda a: FL.silu_mul_linear(a["x"], a["w"]),
+                lambda a: FL.unfused_silu_mul_linear(K.silu_and_mul, a["x"], a["w"]),
+                "silu_and_mul + F.linear", lambda a: F.linear(a["act"], a["w"]),
+                lambda a: FL.silu_mul_linear_ref(a["x"], a["w"]), x_cols=2 * I)
+
+            def rope_build(i, m=m, hq=hq, hkv=hkv, page=16):
+                g = _gen(i)
+                qkv_out = torch.randn(m, (hq + 2 * hkv) * 128, device="cuda", generator=g).to(torch.bfloat16)
+                pool = torch.randn(2, 4096, page, hkv, 128, device="cuda", generator=g).to(torch.bfloat16)
+                q, k, v = qkv_out.split([hq * 128, hkv * 128, hkv * 128], dim=-1)
+                return (q.view(m, hq, 128), k.view(m, hkv, 128), v.view(m, hkv, 128),
+                        torch.randint(0, 32768, (m,), device="cuda", generator=g).int(),
+                        torch.randn(32768, 128, device="cuda", generator=g), pool[0], pool[1],
+                        torch.randperm(4096 * page, device="cuda", generator=g)[:m].int())
+
+            def rope_unfused(a):
+                K.apply_rotary(*a[:2], *a[3:5])
+                K.store_kv(a[1], a[2], *a[5:])
+
+            yield dict(name="rope_store", shape=f"T={m} Hq={hq} Hkv={hkv} D=128 bf16", build=rope_build,
+                       bytes=2 * m * (hq + 2 * hkv) * 128 * 2 + m * 128 * 4,
+                       triton=lambda a: RS.rope_store(*a), torch=rope_unfused, torch_name="apply_rotary + store_kv",
+                       check=None)
+
+
+def decode_layer_cases(row_counts, context=1024, layers=8, page=16):
+    """Decoder layers through the engine's forward (embedding and final norm included), as CUDA-graph
+    replays: the fused path (every GEMM fused, FUSED_MAX_ROWS raised to 16) against the unfused one
+    (FUSED_MAX_ROWS = 0, and rope + KV store as the two kernels the forward used before). `layers`
+    layers of distinct weights overflow L2; `kernels` counts device kernels per layer with a profiler."""
+    import dataclasses
+
+    from rstitch_engine.engine import ops as O
+    from rstitch_engine.kernels import apply_rotary, store_kv
+    from rstitch_engine.models.decoder import ModelWeights, forward
+    from rstitch_engine.models.rope import cos_sin_table
+    from rstitch_engine.random_models import SHAPES, random_weights
+
+    bf16 = torch.bfloat16
+    for model, key in REAL_MODELS.items():
+        cfg = dataclasses.replace(SHAPES[key], vocab_size=1024, num_layers=layers)
+        for m in row_counts:
+            def build(i, cfg=cfg, m=m):
+                w = random_weights(cfg, bf16, "cuda", seed=i)
+                blocks = context // page
+                pool = [torch.randn(2, m * blocks, page, cfg.num_kv_heads, cfg.head_dim, device="cuda").to(bf16)
+                        for _ in range(layers)]
+                tables = torch.arange(m * blocks, dtype=torch.int32, device="cuda").view(m, blocks)
+                rows = torch.arange(m, dtype=torch.int32, device="cuda")
+                meta = O.AttentionMeta(slot_mapping=rows * context + context - 1, block_tables=tables, seq_slot=rows,
+                                       query_start_loc=torch.arange(m + 1, dtype=torch.int32, device="cuda"),
+                                       seq_lens=torch.full((m,), context, dtype=torch.int32, device="cuda"),
+                                       max_query_len=1, scale=cfg.head_dim ** -0.5)
+                ids = torch.randint(0, cfg.vocab_size, (m,), device="cuda")
+                positions = torch.full((m,), context - 1, dtype=torch.int32, device="cuda")
+                return dict(cfg=cfg, w=w, caches=[(c[0], c[1]) for c in pool], meta=meta, ids=ids, positions=positions,
+                            cos_sin=cos_sin_table(cfg, context, "cuda"))
+
+            def run(a, fused, n_layers=layers):
+                ops = O.Ops(triton=True)
+                if not fused:
+                    ops.rope_store = lambda q, k, v, pos, cs, kc, vc, sm: (apply_rotary(q, k, pos, cs),
+                                                                             store_kv(k, v, kc, vc, sm), q)[-1]
+                saved, O.FUSED_MAX_ROWS = O.FUSED_MAX_ROWS, 16 if fused else 0
+                try:
+                    w = a["w"]
+                    layers_w = ModelWeights(embed=w.embed, layers=w.layers[:n_layers], norm=w.norm, lm_head=w.lm_head)
+                    return forward(a["cfg"], layers_w, ops, a["ids"], a["positions"], a["caches"][:n_layers], a["meta"],
+                                   a["cos_sin"])
+                finally:
+                    O.FUSED_MAX_ROWS = saved
+
+            layer_bytes = (cfg.q_size + 2 * cfg.kv_size) * (cfg.hidden_size + 1) + cfg.hidden_size * cfg.q_size + \
+                3 * cfg.hidden_size * cfg.intermediate_size + 2 * cfg.hidden_size + 2 * m * context * cfg.kv_size
+            yield dict(name="decoder layers", shape=f"{model} x{layers} layers M={m} ctx={context} bf16",
+                       bytes=2 * layers * layer_bytes, build=build, layers=layers,
+                       triton=lambda a, run=run: run(a, True), torch=lambda a, run=run: run(a, False),
+                       torch_name="unfused (cuBLAS + norm/act kernels, rotary + store_kv)",
+                       check=lambda a, run=run: _rel(run(a, True), run(a, False)),
+                       kernels=lambda a, run=run: tuple(_kernels_per_layer(lambda n: run(a, fused, n), layers)
+                                                        for fused in (True, False)))
+
+
+def _device_ops(fn):
+    """Kernels (and memsets/copies) one eager call puts on the device, counted with the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _kernels_per_layer(run_layers, layers):
+    return (_device_ops(lambda: run_layers(layers)) - _device_ops(lambda: run_layers(1))) / (layers - 1)
+
+
 def _rel(out, ref):
     return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
@@ -203,6 +359,11 @@ def run_case(case, copy_gbs, l2_bytes):
         row["torch_us"] = graph_time_us([lambda a=a: case["torch"](a) for a in sets])
     except Exception as exc:  # noqa: BLE001 - a baseline that cannot be captured is reported, not fatal
         row["torch_us"], row["torch_error"] = None, repr(exc)[:200]
+    if case.get("cublas"):
+        row["cublas_us"] = graph_time_us([lambda a=a: case["cublas"](a) for a in sets])
+    if case.get("kernels"):
+        row["kernels_per_layer"], row["torch_kernels_per_layer"] = case["kernels"](sets[0])
+        row["triton_us_per_layer"] = row["triton_us"] / case["layers"]
     row["gbs"] = case["bytes"] / (row["triton_us"] * 1e-6) / 1e9
     row["pct_copy_bw"] = 100 * row["gbs"] / copy_gbs
     row["speedup"] = row["torch_us"] / row["triton_us"] if row["torch_us"] else None
@@ -215,6 +376,7 @@ def sweep(copy_gbs, l2_bytes):
     """Alternative tuning constants for the two kernels that matter most; module constants are
     read at launch, so setting them is enough."""
     import rstitch_engine.kernels.decode_attention as D
+    import rstitch_engine.kernels.fused_linear as FL
     import rstitch_engine.kernels.stitch_step as S
 
     rows = []
@@ -222,6 +384,12 @@ def sweep(copy_gbs, l2_bytes):
             for w in (4, 8, 16) for st in (1, 3, 4) for p in (2, 4, 8) for b in (16, 32)]
     grid += [(D, dict(BLOCK_N=n, NUM_WARPS=w, PROGRAMS_PER_SM=p), decode_cases([1024, 8192], [(28, 4)]))
              for n in (32, 64, 128) for w in (4, 8) for p in (2, 4, 8)]
+    gemv = lambda: (c for c in fused_cases([1, 8, 16]) if c.get("gemv"))  # noqa: E731
+    fl_consts = [dict(BLOCK_N=n, BLOCK_K=k, NUM_STAGES=st) for n in (16, 32, 64) for k in (128, 256, 512)
+                 for st in (3, 4, 6)]
+    fl_consts += [dict(NUM_WARPS=2), dict(NUM_WARPS=8), dict(MIN_ROWS=16)]
+    fl_consts += [dict(MIN_TILES_PER_SM=2.0, SPLIT_PROGRAMS_PER_SM=p) for p in (2, 4)]  # split-K at every shape
+    grid += [(FL, consts, gemv()) for consts in fl_consts]
     for module, consts, cases in grid:
         saved = {k: getattr(module, k) for k in consts}
         for k, v in consts.items():
@@ -246,14 +414,18 @@ def markdown(meta, rows):
     lines = [f"# Kernel benchmarks: {meta['device']}", "",
              f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}; "
              f"copy bandwidth {meta['copy_gbs']:.0f} GB/s (read + write); CUDA-graph replays, median.", "",
-             "| kernel | shape | Triton us | GB/s | % copy BW | torch us | speed-up | torch version | rel err |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+             "| kernel | shape | Triton us | GB/s | % copy BW | torch us | speed-up | torch version | rel err | "
+             "cuBLAS GEMM alone us | kernels/layer Triton (torch) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for r in rows:
         torch_us = f"{r['torch_us']:.2f}" if r["torch_us"] else "n/a"
-        speedup = f"{r['speedup']:.1f}x" if r["speedup"] else "n/a"
+        speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "n/a"
         err = f"{r['check_rel_err']:.1e}" if r["check_rel_err"] is not None else ""
+        cublas = f"{r['cublas_us']:.2f}" if r.get("cublas_us") else ""
+        kernels = f"{r['kernels_per_layer']:g} ({r['torch_kernels_per_layer']:g})" if "kernels_per_layer" in r else ""
         lines.append(f"| {r['kernel']} | {r['shape']} | {r['triton_us']:.2f} | {r['gbs']:.0f} | "
-                     f"{r['pct_copy_bw']:.1f} | {torch_us} | {speedup} | {r['torch_version_of_op']} | {err} |")
+                     f"{r['pct_copy_bw']:.1f} | {torch_us} | {speedup} | {r['torch_version_of_op']} | {err} | "
+                     f"{cublas} | {kernels} |")
     return "\n".join(lines) + "\n"
 
 
@@ -275,17 +447,22 @@ def main(argv=None) -> int:
                 date=now.isoformat(timespec="seconds"), copy_gbs=copy_gbs)
     print(f"{props.name}: copy bandwidth {copy_gbs:.0f} GB/s")
     if args.quick:
-        cases = [*stitch_cases([1, 256], False), *decode_cases([1024], [(28, 4)]), *elementwise_cases([32])]
+        cases = [*stitch_cases([1, 256], False), *decode_cases([1024], [(28, 4)]), *elementwise_cases([32]),
+                 *fused_cases([1]), *decode_layer_cases([1])]
     else:
         cases = [*stitch_cases([1, 8, 64, 256], False), *stitch_cases([1, 256], True),
-                 *decode_cases([1024, 8192], [(28, 4), (12, 2)]), *elementwise_cases([1, 32, 256])]
+                 *decode_cases([1024, 8192], [(28, 4), (12, 2)]), *elementwise_cases([1, 32, 256]),
+                 *fused_cases([1, 4, 8, 16]), *decode_layer_cases([1, 4, 8, 16])]
     rows = []
     for case in cases:
         row = run_case(case, copy_gbs, props.L2_cache_size)
         rows.append(row)
         torch_us = f"{row['torch_us']:9.2f}" if row["torch_us"] else "      n/a"
+        extra = f"  cuBLAS alone {row['cublas_us']:.2f} us" if "cublas_us" in row else ""
+        if "kernels_per_layer" in row:
+            extra += f"  kernels/layer {row['kernels_per_layer']:g} (torch {row['torch_kernels_per_layer']:g})"
         print(f"{row['kernel']:26s} {row['shape']:45s} {row['triton_us']:9.2f} us {row['gbs']:7.0f} GB/s "
-              f"{row['pct_copy_bw']:5.1f}%  torch {torch_us} us")
+              f"{row['pct_copy_bw']:5.1f}%  torch {torch_us} us{extra}")
     result = dict(meta=meta, cases=rows)
     if args.sweep:
         result["sweep"] = sweep(copy_gbs, props.L2_cache_size)

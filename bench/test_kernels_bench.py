@@ -19,7 +19,9 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 CASES = [*bench_kernels.stitch_cases([1, 64, 256], sampled=False),
          *bench_kernels.stitch_cases([1, 256], sampled=True),
          *bench_kernels.decode_cases([1024, 8192], [(28, 4), (12, 2)]),
-         *bench_kernels.elementwise_cases([1, 32, 256])]
+         *bench_kernels.elementwise_cases([1, 32, 256]),
+         *bench_kernels.fused_cases([1, 4, 8, 16]),
+         *bench_kernels.decode_layer_cases([1, 8])]
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

@@ -6,8 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from rstitch_engine import kernels as K
+from rstitch_engine.kernels.fused_linear import unfused_norm_linear, unfused_silu_mul_linear
+
+# Rows up to which the Triton path uses the fused skinny-GEMM kernels (kernels/fused_linear.py) instead
+# of cuBLAS plus separate norm/activation kernels. To be tuned on the GPU: bench/kernels.py times both.
+FUSED_MAX_ROWS = 8
 
 
 @dataclass
@@ -28,18 +34,33 @@ class Ops:
         suffix = "" if triton else "_ref"
         pick = lambda name: getattr(K, name + suffix)  # noqa: E731
         self.rms_norm = pick("rms_norm")
-        self._rotary = pick("apply_rotary")
-        self.store_kv = pick("store_kv")
         self._decode = pick("paged_decode_attention")
         self._extend = pick("paged_extend_attention")
         self.silu_and_mul = pick("silu_and_mul")
         self.stitch_step = pick("stitch_step")
         self.sampling_cutoff = K.sampling_cutoff
+        # NOTE: rope + KV store is one program per token at any T, so the Triton path always fuses it.
+        self.rope_store = pick("rope_store")
 
-    def rotary(self, q, k, positions, cos_sin):
-        """Rotates in place: q and k may be strided views into the packed qkv projection."""
-        self._rotary(q, k, positions, cos_sin)
-        return q, k
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Fused skinny GEMM or the unfused composition, from the row count (a host-known shape)."""
+        return self.triton and x.shape[0] <= FUSED_MAX_ROWS
+
+    def norm_linear(self, h, residual, norm_weight, weight, bias, eps: float):
+        """(rms_norm(h + residual) @ weight^T + bias, h + residual); see kernels/fused_linear.py."""
+        if self._fused(h):
+            return K.norm_linear(h, residual, norm_weight, weight, bias, eps)
+        return unfused_norm_linear(self.rms_norm, h, residual, norm_weight, weight, bias, eps)
+
+    def linear(self, x, weight):
+        """x @ weight^T."""
+        return K.linear(x, weight) if self._fused(x) else F.linear(x, weight)
+
+    def silu_mul_linear(self, gate_up, weight):
+        """(silu(gate) * up) @ weight^T for gate_up = [gate | up]."""
+        if self._fused(gate_up):
+            return K.silu_mul_linear(gate_up, weight)
+        return unfused_silu_mul_linear(self.silu_and_mul, gate_up, weight)
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMeta) -> torch.Tensor:
         if meta.max_query_len == 1:

@@ -7,9 +7,11 @@ from .activation import silu_and_mul, silu_and_mul_ref
 from .common import use_triton
 from .decode_attention import paged_decode_attention, paged_decode_attention_ref
 from .extend_attention import paged_extend_attention, paged_extend_attention_ref
+from .fused_linear import linear, linear_ref, norm_linear, norm_linear_ref, silu_mul_linear, silu_mul_linear_ref
 from .kv_store import store_kv, store_kv_ref
 from .norm import rms_norm, rms_norm_ref
 from .random import gumbel_noise, hash_u32_torch, uniform_noise
+from .rope_store import rope_store, rope_store_ref
 from .rotary import apply_rotary, apply_rotary_ref
 from .stitch_step import sampling_cutoff, stitch_step, stitch_step_ref
 
@@ -23,4 +25,6 @@ __all__ = [
     "rms_norm", "rms_norm_ref",
     "apply_rotary", "apply_rotary_ref",
     "silu_and_mul", "silu_and_mul_ref",
+    "norm_linear", "norm_linear_ref", "linear", "linear_ref", "silu_mul_linear", "silu_mul_linear_ref",
+    "rope_store", "rope_store_ref",
 ]

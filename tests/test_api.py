@@ -1,5 +1,6 @@
 """The Python API around generation: parameters, errors per request, stop conditions, chat, tokenizer-less
 checkpoints, continuous batching under memory pressure, and the CLI."""
+import dataclasses
 import subprocess
 import sys
 
@@ -172,3 +173,17 @@ def test_cli_eval_runs_end_to_end_on_a_tiny_pair(pair, tmp_path, capsys):
     for f in ("records.jsonl", "summary.json", "summary.md", "pareto.png", "view-rstitch_0.72.html"):
         assert (out / f).stat().st_size > 0
     assert len((out / "records.jsonl").read_text().splitlines()) == 12
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(temperature=1.2, top_p=0.8), dict(temperature=0.7, top_k=20)])
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine, kw):
+    prompt = [11, 12, 13]
+    params = SamplingParams(max_tokens=20, seed=5, ignore_eos=True, **kw)
+    alone = engine.generate([prompt], params, use_tqdm=False)[0].token_ids
+    others = [SamplingParams(max_tokens=n, seed=n, ignore_eos=True, **kw) for n in (3, 30, 7)]
+    batched = engine.generate([[4, 5], prompt, [6] * 9, [7]], [others[0], params, others[1], others[2]],
+                              use_tqdm=False)[1].token_ids
+    assert alone == batched == engine.generate([prompt], params, use_tqdm=False)[0].token_ids
+    other_seed = engine.generate([prompt], dataclasses.replace(params, seed=6), use_tqdm=False)[0].token_ids
+    greedy = engine.generate([prompt], dataclasses.replace(params, temperature=0.0), use_tqdm=False)[0].token_ids
+    assert other_seed != alone and greedy != alone

@@ -164,13 +164,20 @@ def test_summarize():
     llm, stitch = rows["llm"], rows["rstitch:0.02"]
     assert llm == pytest.approx({"policy": "llm", "n": 2, "accuracy": 0.5, "mean_latency_s": 3.0,
                                  "p50_latency_s": 3.0, "p90_latency_s": 3.8, "tok_s": 400 / 6,
-                                 "mean_tokens": 200.0, "llm_share": 1.0, "speedup_vs_llm": 1.0})
+                                 "mean_tokens": 200.0, "llm_share": 1.0, "speedup_vs_llm": 1.0,
+                                 "est_latency_s": None, "est_speedup_vs_llm": None})
     assert stitch["accuracy"] == 1.0
     assert stitch["llm_share"] == pytest.approx(0.2)  # (0.5*100 + 0.1*300) / 400, not the plain mean 0.3
     assert stitch["tok_s"] == pytest.approx(400 / 3)
     assert stitch["speedup_vs_llm"] == pytest.approx(2.0)
     assert rows["slm"]["speedup_vs_llm"] == pytest.approx(6.0)
     assert all(row["speedup_vs_llm"] is None for row in summarize(RECORDS[2:]))
+
+
+def test_summarize_estimated_latency():
+    records = [dict(r, est_latency_s=2.0 if r["policy"] == "llm" else 0.5) for r in RECORDS]
+    rows = {row["policy"]: row for row in summarize(records)}
+    assert rows["llm"]["est_latency_s"] == 2.0 and rows["slm"]["est_speedup_vs_llm"] == pytest.approx(4.0)
 
 
 def test_markdown_table():

@@ -148,8 +148,15 @@ def cmd_eval(args) -> None:
     meta = {"slm": str(args.slm), "llm": str(args.llm), "problems": args.problems or f"synthetic:{args.synthetic}"
             f":seed{args.problem_seed}", "max_tokens": args.max_tokens, "temperature": args.temperature,
             "command": " ".join(sys.argv)}
+    latency_model = None
+    if args.latency_model:
+        from .router.latency import LatencyModel
+
+        latency_model = LatencyModel.load(args.latency_model)
+        meta["latency_model"] = args.latency_model
     result = run_eval(engine, problems, [(p.name, p) for p in policies], _params(args), out_dir=args.out,
-                      batch_size=args.batch_size, meta=meta, progress=not args.no_progress)
+                      batch_size=args.batch_size, meta=meta, progress=not args.no_progress,
+                      latency_model=latency_model)
     print(markdown_table(result["summary"], SUMMARY_COLUMNS))
     print(f"\nwrote {args.out}/: records.jsonl, summary.json, summary.md, pareto.png, view-*.html")
 
@@ -270,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problem-seed", type=int, default=0, help="seed of the synthetic problems")
     p.add_argument("--policies", default="llm,slm,rstitch:0.02,rstitch:0.05,spec:4")
     p.add_argument("--batch-size", type=int, help="problems per batch (default: all)")
+    p.add_argument("--latency-model", help="calibration JSON (rstitch calibrate): adds each answer's estimated "
+                                           "batch-1 latency, computed from its forward trace")
     p.add_argument("--out", default="eval-results")
     p.add_argument("--no-progress", action="store_true")
     _engine_args(p)

@@ -92,6 +92,31 @@ def run_launchers():
         K.rms_norm(x, x[0], 1e-6, residual=x)
         K.silu_and_mul(torch.zeros(32, 2 * hidden, dtype=bf16))
     K.rms_norm(torch.zeros(32 * 28, 128, dtype=bf16), torch.zeros(128, dtype=bf16), 1e-6)
+    run_fused_launchers()
+
+
+def run_fused_launchers():
+    """The decode layer's fused kernels at the 1.5B and 7B shapes; n_rows 1 is its own specialisation."""
+    from rstitch_engine.kernels import fused_linear as FL
+    from rstitch_engine.kernels.rope_store import rope_store
+
+    bf16 = torch.bfloat16
+    for hidden, qkv, ffn, hq, hkv in [(1536, 2048, 8960, 12, 2), (3584, 4608, 18944, 28, 4)]:
+        norm_weight, bias = torch.empty(hidden, dtype=bf16), torch.empty(qkv, dtype=bf16)
+        qkv_w, o_w = torch.empty(qkv, hidden, dtype=bf16), torch.empty(hidden, hidden, dtype=bf16)
+        gate_up_w, down_w = torch.empty(2 * ffn, hidden, dtype=bf16), torch.empty(hidden, ffn, dtype=bf16)
+        for rows in (1, 16):
+            h = torch.empty(rows, hidden, dtype=bf16)
+            for splits in (None, 4):
+                FL.norm_linear(h, h, norm_weight, qkv_w, bias, 1e-6, num_splits=splits)
+                FL.norm_linear(h, None, norm_weight, gate_up_w, None, 1e-6, num_splits=splits)
+                FL.linear(h, o_w, num_splits=splits)
+                FL.silu_mul_linear(torch.empty(rows, 2 * ffn, dtype=bf16), down_w, num_splits=splits)
+        q = torch.empty(32, hq + 2 * hkv, 128, dtype=bf16)
+        k_cache = torch.empty(64, 16, hkv, 128, dtype=bf16)
+        slots = torch.arange(32, dtype=torch.int32)
+        rope_store(q[:, :hq], q[:, hq:hq + hkv], q[:, hq + hkv:], slots, torch.empty(4096, 128), k_cache, k_cache,
+                   slots)
 
 
 def resource_usage(cubin: bytes, workdir: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 SUMMARY_COLUMNS = ("policy", "n", "accuracy", "mean_latency_s", "p50_latency_s", "p90_latency_s", "tok_s",
-                   "mean_tokens", "llm_share", "speedup_vs_llm")
+                   "mean_tokens", "llm_share", "est_latency_s", "speedup_vs_llm", "est_speedup_vs_llm")
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -20,7 +20,8 @@ def summarize(records: list[dict]) -> list[dict]:
 
     `tok_s` is total tokens over total latency and `llm_share` is weighted by tokens, so long answers count
     for what they cost; `speedup_vs_llm` is the `llm` policy's mean latency over this one's (None without an
-    `llm` policy)."""
+    `llm` policy). With `est_latency_s` in the records (estimated batch-1 latency), `est_latency_s` is its
+    mean and `est_speedup_vs_llm` the same ratio on it."""
     by_policy: dict[str, list[dict]] = {}
     for record in records:
         by_policy.setdefault(record["policy"], []).append(record)
@@ -39,12 +40,21 @@ def summarize(records: list[dict]) -> list[dict]:
             "tok_s": float(tokens.sum() / latency.sum()) if latency.sum() > 0 else None,
             "mean_tokens": float(tokens.mean()),
             "llm_share": llm_tokens / tokens.sum() if tokens.sum() > 0 else 0.0,
+            "est_latency_s": (float(np.mean([r["est_latency_s"] for r in recs]))
+                              if all("est_latency_s" in r for r in recs) else None),
         })
     llm = next((row for row in rows if row["policy"] == "llm"), None)
     for row in rows:
-        row["speedup_vs_llm"] = (llm["mean_latency_s"] / row["mean_latency_s"]
-                                 if llm is not None and row["mean_latency_s"] > 0 else None)
+        row["speedup_vs_llm"] = _ratio(llm, row, "mean_latency_s")
+        row["est_speedup_vs_llm"] = _ratio(llm, row, "est_latency_s")
     return rows
+
+
+def _ratio(llm: dict | None, row: dict, key: str) -> float | None:
+    """The `llm` row's value of `key` over this row's (None when either is missing)."""
+    if llm is None or not llm[key] or not row[key]:
+        return None
+    return llm[key] / row[key]
 
 
 def _format_cell(value) -> str:

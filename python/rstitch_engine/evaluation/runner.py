@@ -21,10 +21,12 @@ def _file_name(policy: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", policy)
 
 
-def _record(policy: str, problem: dict, out) -> dict:
+def _record(policy: str, problem: dict, out, latency_model=None) -> dict:
     tokens = len(out.token_ids)
     latency = float(out.stats["latency_s"])
     answer = extract_answer(out.text)
+    trace = [list(t) for t in getattr(out, "trace", [])]
+    estimate = {"est_latency_s": latency_model.estimate(trace) / 1e3} if latency_model is not None else {}
     return {
         "policy": policy,
         "question": problem["question"],
@@ -37,6 +39,8 @@ def _record(policy: str, problem: dict, out) -> dict:
         "tok_s": tokens / latency if latency > 0 else None,
         "finish_reason": out.finish_reason,
         "text": out.text,
+        **estimate,
+        "trace": trace,
     }
 
 
@@ -51,11 +55,14 @@ def _write_view(path: Path, tokenizer, policy: str, record: dict, out) -> Path:
 
 
 def run_eval(engine, problems: list[dict], policies: list[tuple[str, object]], params, *, out_dir,
-             batch_size: int | None = None, meta: dict | None = None, progress: bool = True) -> dict:
+             batch_size: int | None = None, meta: dict | None = None, progress: bool = True,
+             latency_model=None) -> dict:
     """Runs `problems` ({"question", "answer"}) under each `(name, policy_object)` with sampling `params`,
     `batch_size` problems per `engine.chat` call (default: all at once). Writes the files listed in the module
-    docstring; `meta` (models, params, ...) is added to the summary's metadata. Returns
-    {"records", "summary", "files"}."""
+    docstring; `meta` (models, params, ...) is added to the summary's metadata. Each record keeps the answer's
+    forward trace; with a calibrated `latency_model` (router/latency.py) it also gets `est_latency_s`, the
+    answer's latency at batch 1 estimated from that trace, which does not depend on the batch it ran in.
+    Returns {"records", "summary", "files"}."""
     if not problems:
         raise ValueError("run_eval: no problems to run")
     if not policies:
@@ -78,7 +85,7 @@ def run_eval(engine, problems: list[dict], policies: list[tuple[str, object]], p
                 if len(outs) != len(batch):
                     raise RuntimeError(f"engine.chat returned {len(outs)} outputs for {len(batch)} prompts")
                 for i, (problem, out) in enumerate(zip(batch, outs)):
-                    record = _record(name, problem, out)
+                    record = _record(name, problem, out, latency_model)
                     records.append(record)
                     records_file.write(json.dumps(record, ensure_ascii=False) + "\n")
                     # The first problem for every tau, so the views compare the same answer across the sweep.

@@ -38,28 +38,27 @@ class ModelWeights:
 
 def forward(cfg: ModelConfig, w: ModelWeights, ops, input_ids: torch.Tensor, positions: torch.Tensor,
             kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Hidden states after the final norm, [T, hidden]; K/V of the new tokens are stored at meta.slot_mapping."""
+    """Hidden states after the final norm, [T, hidden]; K/V of the new tokens are stored at meta.slot_mapping.
+
+    Per layer: norm + qkv, (q/k norm,) rope + KV store, attention, o_proj, norm + gate_up, SwiGLU + down.
+    NOTE: o_proj and down outputs join the residual stream where it is next normalised (post-attention
+    norm, next layer's input norm, final norm), rounded as the references round: the unfused path (large
+    batches) keeps its add-in-norm kernels, and the fused path reads the two parts in its prologue."""
     T, eps, D = input_ids.shape[0], cfg.rms_norm_eps, cfg.head_dim
     h = F.embedding(input_ids, w.embed)
     residual = None
     for lw, (k_cache, v_cache) in zip(w.layers, kv_caches):
-        if residual is None:
-            residual, x = h, ops.rms_norm(h, lw.input_norm, eps)
-        else:
-            x, residual = ops.rms_norm(h, lw.input_norm, eps, residual)
-        q, k, v = F.linear(x, lw.qkv, lw.qkv_bias).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        qkv, residual = ops.norm_linear(h, residual, lw.input_norm, lw.qkv, lw.qkv_bias, eps)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         if cfg.qk_norm:
             q = ops.rms_norm(q.reshape(-1, D), lw.q_norm, eps)
             k = ops.rms_norm(k.reshape(-1, D), lw.k_norm, eps)
-        q = q.reshape(T, cfg.num_heads, D)
-        k = k.reshape(T, cfg.num_kv_heads, D)
-        v = v.reshape(T, cfg.num_kv_heads, D)
-        q, k = ops.rotary(q, k, positions, cos_sin)
-        ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = ops.rope_store(q.reshape(T, cfg.num_heads, D), k.reshape(T, cfg.num_kv_heads, D),
+                           v.reshape(T, cfg.num_kv_heads, D), positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
         o = ops.attention(q, k_cache, v_cache, meta)
-        h = F.linear(o.reshape(T, cfg.q_size), lw.o_proj)
-        x, residual = ops.rms_norm(h, lw.post_norm, eps, residual)
-        h = F.linear(ops.silu_and_mul(F.linear(x, lw.gate_up)), lw.down)
+        h = ops.linear(o.reshape(T, cfg.q_size), lw.o_proj)
+        gate_up, residual = ops.norm_linear(h, residual, lw.post_norm, lw.gate_up, None, eps)
+        h = ops.silu_mul_linear(gate_up, lw.down)
     out, _ = ops.rms_norm(h, w.norm, eps, residual)
     return out
 
