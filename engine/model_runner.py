@@ -69,7 +69,6 @@ class ModelRunner:
         self.cos_sin = cos_sin_table(cfg, max_model_len, device)
         self.scale = cfg.head_dim ** -0.5
         self.num_slots = tables.tokens.shape[0] - 1
-        self.draft_logits: torch.Tensor | None = None  # [slots + 1, k, vocab_limit], for sampled drafts
         self.router = None  # R-Stitch+: decides SLM rows with H > tau
         self.graphs = None  # DecodeGraphs, once captured
 

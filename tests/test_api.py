@@ -159,7 +159,7 @@ def test_cli_make_tiny_and_help(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").is_file()
     helptext = subprocess.run([sys.executable, "-m", "rstitch_engine", "--help"], capture_output=True, text=True)
     assert helptext.returncode == 0
-    for command in ("generate", "make-tiny"):
+    for command in ("generate", "make-tiny", "demo", "eval", "bench", "calibrate", "train-router"):
         assert command in helptext.stdout
 
 

@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     _sampling_args(p, max_tokens=256)
     p.set_defaults(func=cmd_eval)
+
+    from .router.commands import add_commands  # calibrate, train-router
+
+    add_commands(sub)
     return parser
 
 

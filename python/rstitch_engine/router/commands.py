@@ -1,0 +1,184 @@
+"""`rstitch calibrate` and `rstitch train-router`: the command functions and their sub-parsers
+(`add_commands(subparsers)` registers both)."""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from ..cli import _engine_args
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# ---- calibrate ---------------------------------------------------------------------------------------------
+
+def cmd_calibrate(args) -> None:
+    import torch
+
+    from .. import Engine
+    from .calibrate import calibrate, default_grid
+
+    if not (args.slm or args.llm):
+        sys.exit("error: give --slm and/or --llm")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    grid, chunk = default_grid(device)
+    chunk = args.chunk or chunk
+    overrides = {k: v for k, v in (("new_tokens", args.new_tokens), ("kv_chunks", args.kv_chunks),
+                                   ("decode_kv", args.decode_kv), ("batch_sizes", args.batch_sizes),
+                                   ("warmup", args.warmup), ("repeats", args.repeats)) if v is not None}
+    grid = dataclasses.replace(grid, **overrides)
+    grid.check(chunk)
+    engine = Engine(slm=args.slm, llm=args.llm, device=device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
+                    max_num_batched_tokens=chunk, max_num_seqs=max(grid.batch_sizes),
+                    max_model_len=args.max_model_len or grid.max_context(chunk), progress=True)
+    model = calibrate(engine, grid, holdout=args.holdout, seed=args.seed, progress=not args.no_progress)
+    model.save(args.out)
+    for group, q in model.meta["fit"].items():
+        held = q.get("holdout")
+        held_text = f"held-out R^2 {held['r2']:.4f}, max rel err {held['max_rel_err']:.1%} ({held['points']} pts)" \
+            if held and held["r2"] is not None else "no held-out points"
+        print(f"{group:22s} fit R^2 {q['fit']['r2']:.4f}, max rel err {q['fit']['max_rel_err']:.1%}; {held_text}")
+    print(f"wrote {args.out}")
+
+
+def _calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="profile both models' forwards and fit the R-Stitch+ latency model",
+                       description="Times extends over a grid of (new tokens, cached tokens) and decode steps over "
+                                   "cached tokens and batch sizes, per model, through the engine's own step path "
+                                   "on this device; fits T = a*N_inf + b*N_kv + c*N_inf*N_kv + d (extend) and "
+                                   "T = c'*N_kv + d' (decode) in ms and writes them as JSON with the device and "
+                                   "versions. Grids default small on the CPU. --max-model-len defaults to what the "
+                                   "grid needs; on the CPU give the one of the runs to estimate, as attention "
+                                   "costs grow with it there.")
+    p.add_argument("--out", required=True, help="latency model JSON to write")
+    p.add_argument("--chunk", type=int, help="step token budget: extends run over multiples of it (default: 64 on "
+                                             "the CPU, 512 on CUDA)")
+    p.add_argument("--new-tokens", type=_ints, help="extend sizes N_inf, e.g. 2,16,64 (each <= chunk)")
+    p.add_argument("--kv-chunks", type=_ints, help="extend contexts as multiples of the chunk, e.g. 0,1,2")
+    p.add_argument("--decode-kv", type=_ints, help="decode contexts, e.g. 32,128,256")
+    p.add_argument("--batch-sizes", type=_ints, help="decode batch sizes, e.g. 1,4 (must include 1)")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--holdout", type=float, default=0.2, help="share of grid points held out to report the fit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    _engine_args(p)
+    p.set_defaults(func=cmd_calibrate)
+
+
+# ---- train-router ------------------------------------------------------------------------------------------
+
+def cmd_train_router(args) -> None:
+    import torch
+
+    from .. import Engine
+    from ..evaluation import load_problems, synthetic_problems
+    from ..evaluation.report import markdown_table, write_results
+    from ..policies import RStitch, RStitchPlus
+    from .dapo import train_router
+    from .latency import LatencyModel
+    from .model import Router
+    from .rollouts import evaluate, word_problems
+
+    if (args.problems is None) == (args.synthetic is None):
+        sys.exit("error: give --problems FILE or --synthetic N")
+    problems = load_problems(args.problems) if args.problems else synthetic_problems(args.synthetic, args.problem_seed)
+    latency = LatencyModel.load(args.latency)
+    engine = Engine(slm=args.slm or "demo:slm", llm=args.llm or "demo:llm", device=args.device, dtype=args.dtype,
+                    kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.prompts_per_batch * args.rollouts,
+                    max_model_len=args.max_model_len, progress=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    initial_path = out / "router-init.safetensors"
+    if args.resume and initial_path.is_file():
+        initial = Router.load(initial_path)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            initial = Router(engine.configs[0].hidden_size, args.width, args.init_switch_prob)
+        initial.save(initial_path, meta={"tau": args.tau, "note": "untrained"})
+    router, history = train_router(
+        engine, problems, tau=args.tau, tau_down=args.tau_down, steps=args.steps, latency_model=latency,
+        prompts_per_batch=args.prompts_per_batch, rollouts=args.rollouts, lr=args.lr, lam=args.lam,
+        temperature=args.temperature, epochs_per_batch=args.epochs_per_batch, max_tokens=args.max_tokens,
+        max_refills=args.max_refills,
+        router=copy.deepcopy(initial), checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
+        resume=args.resume, seed=args.seed, progress=not args.no_progress, log_path=out / "log.jsonl",
+        plot_path=out / "curves.png")
+    router.save(out / "router.safetensors")
+    print(f"wrote {out}/: router.safetensors, log.jsonl, curves.png, checkpoints/")
+    if not args.eval:
+        return
+    held_out = synthetic_problems(args.eval, args.eval_seed)
+    rstitch = f"rstitch:{args.tau:g}"
+    # A fresh router is constant (zero output layer); one that switches is R-Stitch exactly at temperature 0
+    # (tests/test_router.py), so its row would repeat R-Stitch's: it is named there instead of run twice.
+    untrained_is_rstitch = not initial.out.weight.any() and float(initial.out.bias.detach()) > 0
+    policies = {rstitch + (" = rstitch+ untrained" if untrained_is_rstitch else ""):
+                RStitch(tau=args.tau, tau_down=args.tau_down)}
+    if not untrained_is_rstitch:
+        policies["rstitch+ untrained"] = RStitchPlus(router=initial, tau=args.tau, tau_down=args.tau_down)
+    policies["rstitch+ trained"] = RStitchPlus(router=router, tau=args.tau, tau_down=args.tau_down)
+    rows = evaluate(engine, held_out, policies, task=word_problems(engine), max_tokens=args.max_tokens,
+                    latency_model=latency, lam=args.lam, batch_size=args.eval_batch_size,
+                    progress=not args.no_progress)
+    meta = {"slm": str(engine.paths[0]), "llm": str(engine.paths[1]), "latency_model": str(args.latency),
+            "latency_device": latency.meta.get("device"), "eval": f"synthetic:{args.eval}:seed{args.eval_seed}",
+            "eval_batch_size": args.eval_batch_size, "training": router.meta.get("training"),
+            "final_step": history[-1] if history else None}
+    write_results(out, "eval", rows, meta)
+    print(markdown_table(rows, list(rows[0])))
+    print(json.dumps({"wrote": [str(out / "eval.json"), str(out / "eval.md")]}))
+
+
+def _train_router_parser(sub) -> None:
+    p = sub.add_parser("train-router", help="train the R-Stitch+ router with DAPO (both LMs frozen)",
+                       description="DAPO: per step, --prompts-per-batch problems with --rollouts rollouts each, the "
+                                   "router sampling its decisions; reward correct * (1 - lam * estimated latency "
+                                   "in ms); group-normalised advantages, clip-higher, dynamic sampling, "
+                                   "token-level loss over the decisions where the SLM's entropy exceeds tau. "
+                                   "Writes the router, a JSONL log, the curves and resumable checkpoints to --out; "
+                                   "--eval N then compares R-Stitch, the untrained and the trained router on N "
+                                   "held-out synthetic problems. Models default to the demo pair.")
+    p.add_argument("--latency", required=True, help="latency model JSON from `rstitch calibrate`")
+    p.add_argument("--tau", type=float, required=True, help="entropy threshold above which the router decides")
+    p.add_argument("--tau-down", type=float, help="LLM -> SLM hand-back threshold (default: tau)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--prompts-per-batch", type=int, default=32)
+    p.add_argument("--rollouts", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lam", type=float, default=5e-6, help="latency weight per ms in the reward")
+    p.add_argument("--temperature", type=float, default=1.0, help="router sampling temperature while training")
+    p.add_argument("--epochs-per-batch", type=int, default=4)
+    p.add_argument("--max-refills", type=int, default=2, help="dynamic sampling: extra draws to refill a batch")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--width", type=int, default=128, help="router hidden width")
+    p.add_argument("--init-switch-prob", type=float, default=0.9, help="the untrained router's P(switch)")
+    p.add_argument("--problems", help="JSONL of {\"question\", \"answer\"}")
+    p.add_argument("--synthetic", type=int, metavar="N", help="N built-in arithmetic word problems")
+    p.add_argument("--problem-seed", type=int, default=0)
+    p.add_argument("--eval", type=int, metavar="N", help="afterwards, evaluate on N held-out synthetic problems")
+    p.add_argument("--eval-seed", type=int, default=1000, help="seed of the held-out problems")
+    p.add_argument("--eval-batch-size", type=int, default=1, help="1: measured latency per sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints")
+    p.add_argument("--no-progress", action="store_true")
+    _engine_args(p)
+    p.set_defaults(func=cmd_train_router)
+
+
+def add_commands(subparsers) -> None:
+    """Registers `calibrate` and `train-router` on the `rstitch` command's sub-parsers."""
+    _calibrate_parser(subparsers)
+    _train_router_parser(subparsers)

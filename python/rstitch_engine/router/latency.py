@@ -1,0 +1,178 @@
+"""The latency estimator of R-Stitch+ rewards (method.md section 2): per model, a linear model of one forward's
+time, fitted by least squares to timings profiled on the target device (router/calibrate.py).
+
+    extend of N_inf > 1 new tokens over N_kv cached ones:  T = a*N_inf + b*N_kv + c*N_inf*N_kv + d
+    decode step (N_inf = 1) over N_kv cached tokens:       T = c'*N_kv + d'
+
+in milliseconds. A trajectory's estimate is the sum over its forwards (`RequestOutput.trace`, both models).
+Decode coefficients are fitted per profiled batch size, but `estimate` always uses batch 1, the paper's
+per-sample setting: a trajectory is priced as if it ran alone, whatever batch it was generated in, so a
+reward does not depend on which other rollouts shared its steps.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MODEL_NAMES = {0: "slm", 1: "llm"}
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One profiled forward: `ms` milliseconds for `n_inf` new tokens per row over `n_kv` cached tokens (mean
+    over the rows) with `batch` rows."""
+    model: int
+    n_inf: int
+    n_kv: float
+    ms: float
+    batch: int = 1
+
+
+def _design(kind: str, n_inf: np.ndarray, n_kv: np.ndarray) -> np.ndarray:
+    one = np.ones_like(n_kv)
+    if kind == "extend":
+        return np.stack([n_inf, n_kv, n_inf * n_kv, one], axis=1)
+    return np.stack([n_kv, one], axis=1)
+
+
+def _lstsq(x: np.ndarray, ms: np.ndarray) -> np.ndarray:
+    # Rows scaled by 1/T: the fit minimises relative error, so a 10 ms decode counts as much as a 2 s prefill.
+    return np.linalg.lstsq(x / ms[:, None], np.ones_like(ms), rcond=None)[0]
+
+
+def _quality(x: np.ndarray, ms: np.ndarray, coef: np.ndarray) -> dict:
+    pred = x @ coef
+    ss_tot = float(((ms - ms.mean()) ** 2).sum())
+    return {"r2": 1.0 - float(((ms - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else None,
+            "max_rel_err": float(np.max(np.abs(pred - ms) / ms))}
+
+
+def _fit_group(kind: str, points: list[Timing], holdout: float, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """Coefficients from all points; quality measured on a held-out share of them, fitted without it."""
+    n_inf = np.array([p.n_inf for p in points], dtype=float)
+    n_kv = np.array([p.n_kv for p in points], dtype=float)
+    ms = np.array([p.ms for p in points], dtype=float)
+    if np.any(ms <= 0):
+        raise ValueError("latency fit: timings must be positive milliseconds")
+    x = _design(kind, n_inf, n_kv)
+    n_coef = x.shape[1]
+    if len(ms) < n_coef:
+        raise ValueError(f"latency fit: {len(ms)} {kind} points cannot determine {n_coef} coefficients")
+    n_out = min(int(round(holdout * len(ms))), len(ms) - n_coef - 1)
+    quality: dict = {"points": len(ms), "fit": _quality(x, ms, _lstsq(x, ms))}
+    if n_out >= 1:
+        out = rng.permutation(len(ms))[:n_out]
+        keep = np.setdiff1d(np.arange(len(ms)), out)
+        quality["holdout"] = {"points": n_out, **_quality(x[out], ms[out], _lstsq(x[keep], ms[keep]))}
+    return _lstsq(x, ms), quality
+
+
+class LatencyModel:
+    """Per model (0 SLM, 1 LLM): `extend[m]` = (a, b, c, d) and `decode[m][batch]` = (c', d'), in ms."""
+
+    def __init__(self, extend: dict[int, np.ndarray], decode: dict[int, dict[int, np.ndarray]],
+                 meta: dict | None = None):
+        self.extend = {int(m): np.asarray(c, dtype=float) for m, c in extend.items()}
+        self.decode = {int(m): {int(b): np.asarray(c, dtype=float) for b, c in by_batch.items()}
+                       for m, by_batch in decode.items()}
+        self.meta = dict(meta or {})
+        for m in set(self.extend) | set(self.decode):
+            if m not in self.extend or 1 not in self.decode.get(m, {}):
+                raise ValueError(f"latency model: the {MODEL_NAMES.get(m, m)} needs extend and batch-1 decode "
+                                 f"coefficients")
+
+    # ---- fitting ---------------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, samples: list[Timing], *, holdout: float = 0.2, seed: int = 0,
+            meta: dict | None = None) -> "LatencyModel":
+        """Least squares per model (and per batch size for decodes). `meta["fit"]` reports, per group, R^2 and
+        the max relative error on the fitted points and on `holdout` of them left out of a second fit."""
+        if not 0 <= holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {holdout!r}")
+        groups: dict[tuple, list[Timing]] = {}
+        for s in samples:
+            if s.n_inf < 1 or s.n_kv < 0 or s.batch < 1:
+                raise ValueError(f"latency fit: bad timing {s}")
+            if s.n_inf > 1 and s.batch != 1:
+                raise ValueError(f"latency fit: extends are profiled one row at a time, got {s}")
+            key = (s.model, "decode", s.batch) if s.n_inf == 1 else (s.model, "extend", 1)
+            groups.setdefault(key, []).append(s)
+        rng = np.random.default_rng(seed)
+        extend, decode, quality = {}, {}, {}
+        for (model, kind, batch), points in sorted(groups.items()):
+            coef, q = _fit_group(kind, points, holdout, rng)
+            name = MODEL_NAMES.get(model, str(model))
+            if kind == "extend":
+                extend[model] = coef
+                quality[f"{name}/extend"] = q
+            else:
+                decode.setdefault(model, {})[batch] = coef
+                quality[f"{name}/decode/batch{batch}"] = q
+        return cls(extend, decode, {**(meta or {}), "fit": quality})
+
+    # ---- estimating ------------------------------------------------------------------------------------
+    def forward_ms(self, model: int, n_inf, n_kv, batch: int = 1):
+        """Estimated time of forwards (scalars or arrays): decode coefficients where n_inf == 1."""
+        if model not in self.extend:
+            raise KeyError(f"the latency model has no coefficients for the {MODEL_NAMES.get(model, model)}")
+        if batch not in self.decode[model]:
+            raise KeyError(f"the latency model has no batch-{batch} decode coefficients for the "
+                           f"{MODEL_NAMES.get(model, model)} (profiled: {sorted(self.decode[model])})")
+        n_inf, n_kv = np.asarray(n_inf, dtype=float), np.asarray(n_kv, dtype=float)
+        ext, dec = self.extend[model], self.decode[model][batch]
+        t_extend = ext[0] * n_inf + ext[1] * n_kv + ext[2] * n_inf * n_kv + ext[3]
+        return np.where(n_inf == 1, dec[0] * n_kv + dec[1], t_extend)
+
+    def estimate(self, trace) -> float:
+        """Milliseconds of a trajectory at batch 1: the sum over its (model, N_inf, N_kv) forwards."""
+        rows = np.asarray(list(trace), dtype=float).reshape(-1, 3)
+        total = 0.0
+        for model in np.unique(rows[:, 0]).astype(int):
+            mine = rows[rows[:, 0] == model]
+            total += float(np.sum(self.forward_ms(int(model), mine[:, 1], mine[:, 2])))
+        return total
+
+    # ---- files -----------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        def named(coef, names):
+            return dict(zip(names, map(float, coef)))
+
+        return {
+            "format": FORMAT,
+            "units": "ms",
+            "formulas": {"extend": "a*N_inf + b*N_kv + c*N_inf*N_kv + d", "decode": "c*N_kv + d"},
+            "extend": {MODEL_NAMES[m]: named(c, "abcd") for m, c in sorted(self.extend.items())},
+            "decode": {MODEL_NAMES[m]: {str(b): named(c, "cd") for b, c in sorted(by_batch.items())}
+                       for m, by_batch in sorted(self.decode.items())},
+            "meta": self.meta,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyModel":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no latency model at {path}; make one with `rstitch calibrate`") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a latency model JSON ({e.msg})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("units") != "ms":
+            raise ValueError(f"{path}: not a latency model of format {FORMAT} in ms")
+        index = {name: m for m, name in MODEL_NAMES.items()}
+        try:
+            extend = {index[n]: [c[k] for k in "abcd"] for n, c in data["extend"].items()}
+            decode = {index[n]: {int(b): [c["c"], c["d"]] for b, c in by_batch.items()}
+                      for n, by_batch in data["decode"].items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: malformed latency coefficients ({e!r})") from None
+        return cls(extend, decode, data.get("meta", {}))
