@@ -187,3 +187,12 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(engine, kw):
     other_seed = engine.generate([prompt], dataclasses.replace(params, seed=6), use_tqdm=False)[0].token_ids
     greedy = engine.generate([prompt], dataclasses.replace(params, temperature=0.0), use_tqdm=False)[0].token_ids
     assert other_seed != alone and greedy != alone
+
+
+def test_cli_demo_streams_and_compares(pair, capsys):
+    main(["demo", "--slm", str(pair[0]), "--llm", str(pair[1]), "--tau", "0.72", "--max-tokens", "12",
+          "--no-color"])
+    out = capsys.readouterr().out
+    assert "--- R-Stitch (rstitch:0.72)" in out and "--- LLM only (llm)" in out
+    assert "[[" in out, "the LLM's tokens are marked in the streamed R-Stitch answer"
+    assert "R-Stitch took" in out and "LLM only" in out

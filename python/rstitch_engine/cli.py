@@ -104,6 +104,8 @@ class TokenStream:
     def __call__(self, index: int, token_ids: list[int], sources: list[int]) -> None:
         for token, source in zip(token_ids, sources):
             text = self.decoder.push([token])
+            if not text:  # the token ends inside a character: it prints with the next one
+                continue
             if source == 1:
                 text = f"\x1b[1;30;43m{text}\x1b[0m" if self.color else f"[[{text}]]"
             print(text, end="", flush=True)
