@@ -72,3 +72,12 @@ def test_cli_bench_random_shapes(tmp_path, capsys):
         assert f"| {name} |" in table
     for f in ("bench.json", "bench.md", "bench.png"):
         assert (tmp_path / f).stat().st_size > 0
+
+
+def test_cli_bench_forced_and_acceptance_flags(tmp_path, capsys):
+    main(["bench", "--random-shapes", "tiny,small", "--policies", "slm,spec:2", "--forced", "0.2:4", "--forced",
+          "3-5,9", "--accept-rates", "0.5,0.9", "--num-prompts", "1", "--max-tokens", "12", "--device", "cpu"])
+    table = capsys.readouterr().out
+    for name in ("| llm |", "| slm |", "| forced:0.2:4 |", "| forced:pattern[3-5,9] |", "| spec:2@0.5 |", "| spec:2@0.9 |"):
+        assert name in table
+    assert "| spec:2 |" not in table

@@ -173,3 +173,16 @@ def test_unsupported_architecture(tmp_path):
     writer.close()
     with pytest.raises(GGUFImportError, match=r"gpt2\.gguf: unsupported architecture 'gpt2'"):
         import_gguf(path, tmp_path / "out", progress=False)
+
+
+def test_engine_takes_a_gguf_file(tmp_path, monkeypatch):
+    """Engine(llm=<file>.gguf) imports once into the cache and generates what the source checkpoint does."""
+    from rstitch_engine import Engine, SamplingParams
+
+    monkeypatch.setenv("RSTITCH_CACHE", str(tmp_path / "cache"))
+    source = make_tiny(tmp_path / "src", "qwen2", init_std=0.3)
+    gguf_file = write_gguf(source, tmp_path / "tiny.gguf")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = Engine(llm=source, device="cpu", kv_cache_gb=0.01).generate(["The answer is"], params, use_tqdm=False)
+    got = Engine(llm=gguf_file, device="cpu", kv_cache_gb=0.01).generate(["The answer is"], params, use_tqdm=False)
+    assert got[0].token_ids == want[0].token_ids and got[0].text == want[0].text

@@ -177,12 +177,30 @@ def _bench_prompts(args, engine) -> list[list[int]]:
     return [engine.tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 
+def _bench_policies(args) -> list:
+    """--policies, plus one Forced policy per --forced and one SpecDecode per (spec:<k>, --accept-rates)."""
+    import dataclasses
+
+    from .policies import Forced, SpecDecode, parse_policies
+
+    policies = parse_policies(args.policies)
+    for forced in args.forced or []:
+        share, sep, run = forced.partition(":")
+        try:
+            policies.append(Forced(llm_share=float(share), mean_run=float(run)) if sep else Forced(pattern=forced))
+        except ValueError as e:
+            raise ValueError(f"--forced {forced!r}: {e}") from None
+    if args.accept_rates:
+        spec = [p for p in policies if isinstance(p, SpecDecode)] or [SpecDecode()]
+        policies = [p for p in policies if not isinstance(p, SpecDecode)]
+        policies += [dataclasses.replace(p, accept_rate=a) for p in spec for a in args.accept_rates]
+    return policies
+
+
 def cmd_bench(args) -> None:
     from . import Engine
     from .bench import COLUMNS, run_bench, tok_s_plot
     from .evaluation import markdown_table, write_results
-    from .policies import parse_policies
-
     if args.random_shapes:
         slm, _, llm = args.random_shapes.partition(",")
         args.slm, args.llm = f"random:{slm}", f"random:{llm}" if llm else None
@@ -191,7 +209,7 @@ def cmd_bench(args) -> None:
     prompts = _bench_prompts(args, engine)
     params = _params(args)
     params.ignore_eos = args.random_shapes is not None  # random models emit EOS at random
-    rows = run_bench(engine, prompts, parse_policies(args.policies), params)
+    rows = run_bench(engine, prompts, _bench_policies(args), params)
     title = f"{args.slm} / {args.llm}, batch {len(prompts)}, {args.max_tokens} new tokens"
     print(markdown_table(rows, COLUMNS, title=title))
     if args.out:
@@ -237,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "spec:<k>@<acceptance> policies.")
     p.add_argument("--policies", default="llm,slm,spec:4,rstitch:0.02,rstitch:0.05")
     p.add_argument("--random-shapes", metavar="SLM,LLM", help="e.g. 1.5b,7b (see random_models.py)")
+    p.add_argument("--forced", action="append", metavar="SHARE:RUN|PATTERN",
+                   help="add R-Stitch with forced routing: 0.1:8 (10%% LLM positions in runs of mean length 8, "
+                        "drawn per request) or a pattern of output positions, 40-47,130-137 (repeatable)")
+    p.add_argument("--accept-rates", type=lambda t: [float(x) for x in t.split(",")], metavar="A,B,...",
+                   help="time each spec:<k> policy (default spec:4) at these forced draft acceptance rates")
     p.add_argument("--prompts", help="JSONL of {\"question\"} (chat-templated); default: random token prompts")
     p.add_argument("--num-prompts", type=int, default=1, help="the batch: all prompts run together")
     p.add_argument("--prompt-len", type=int, default=128, help="length of random prompts")
