@@ -1,6 +1,5 @@
 """Speculative decoding in the engine: greedy output is the LLM-only output for several k, batched; with
 sampling, the output distribution is the LLM's (chi-square over many seeded runs on a tiny vocabulary)."""
-import itertools
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 
-def _engine_args(p: argparse.ArgumentParser, *, models_required: bool = True) -> None:
+def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models and runtime")
     g.add_argument("--llm", help="large model: checkpoint directory, .gguf file or hub id")
     g.add_argument("--slm", help="small model: checkpoint directory, .gguf file or hub id")

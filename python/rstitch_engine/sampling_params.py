@@ -43,7 +43,3 @@ class SamplingParams:
         self.stop_strings = tuple(stops)
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
             fail(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
