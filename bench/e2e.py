@@ -142,7 +142,9 @@ def main() -> None:
 
     # Cost model from this run's own forward times: the forced row's traces, priced by the calibration.
     chunk = engine.scheduler_config.max_step_tokens
-    lat = calibrate(engine, Grid(new_tokens=(2, 8, 32, 96), kv_chunks=(0,), decode_kv=(128, 256, 384),
+    # extends over N_kv = 0 and one chunk (where the context holds it): the cached-token terms of the fit
+    kv_chunks = (0, 1) if chunk + 96 < engine.max_model_len else (0,)
+    lat = calibrate(engine, Grid(new_tokens=(2, 8, 32, 96), kv_chunks=kv_chunks, decode_kv=(128, 256, 384),
                                  batch_sizes=(1,), warmup=1, repeats=3 if args.quick else 5), progress=False)
     forced_row = next(r for r in rows if r["policy"] == forced10.name)
     predicted = sum(lat.estimate(t) for t in forced_row["traces"]) / 1e3
