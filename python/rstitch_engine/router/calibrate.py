@@ -100,7 +100,7 @@ def timed_forwards(engine) -> Iterator[list[Forward]]:
 
         def wrapper(host, *args):
             rows, tokens, logits = host.count("num_rows"), host.count("num_tokens"), host.count("num_logits")
-            n_kv = (int(host.views.seq_lens[:rows].sum()) - tokens) / max(rows, 1)  # a host tensor: no sync
+            n_kv = (int(host.views.seq_lens[:rows].sum()) - tokens) / max(rows, 1)  # host memory: no sync
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda.synchronize(engine.device)
