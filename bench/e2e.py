@@ -130,7 +130,7 @@ def main() -> None:
     bandwidth = copy_bandwidth(dev)
     meta["copy_bandwidth_GBs"] = bandwidth / 1e9
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    forced10 = policies.Forced.periodic(0.1, 8, args.max_tokens)   # batch 1: exactly 10%, runs of 8
+    forced10 = policies.Forced.periodic(0.1, 8, args.max_tokens)   # batch 1: 10% of the tokens, runs of about 8
     independent10 = policies.Forced(llm_share=0.1, mean_run=8)    # batches: one random pattern per row
     sections: dict[str, list[dict]] = {}
 

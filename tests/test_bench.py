@@ -15,6 +15,12 @@ def engine():
     return Engine(slm="random:tiny", llm="random:small", device="cpu", kv_cache_gb=0.01, max_model_len=512)
 
 
+def _runs(mask):
+    """(start, length) of each run of ones."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
+    return list(zip(edges[::2], np.diff(edges)[::2]))
+
+
 def test_shapes_match_the_published_rooflines():
     # peers.md: 970 tok/s (1.5B) and 212 tok/s (7B) at 3.00 TB/s, batch 1, bf16
     assert 3.0e12 / streamed_bytes(SHAPES["1.5b"], torch.bfloat16) == pytest.approx(970, rel=0.01)
@@ -32,10 +38,19 @@ def test_forced_pattern_routes_exactly(engine):
 def test_synthetic_forced_share_and_run_length():
     mask = policies.Forced(llm_share=0.1, mean_run=8, seed=3).llm_positions(200_000)
     assert mask.mean() == pytest.approx(0.1, abs=0.01)
-    runs = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]]))))[::2]
-    assert runs.mean() == pytest.approx(8, rel=0.1)
+    assert np.mean([size for _, size in _runs(mask)]) == pytest.approx(8, rel=0.1)
     assert not policies.Forced(llm_share=0.0).llm_positions(100).any()
     assert policies.Forced(llm_share=1.0).llm_positions(100).all()
+
+
+@pytest.mark.parametrize("share,length", [(0.1, 256), (0.1, 64), (0.05, 256), (0.2, 300), (0.5, 256)])
+def test_periodic_forced_share_is_exact(share, length):
+    mask = policies.Forced.periodic(share, 8, length).llm_positions(length)
+    assert mask.sum() == round(share * length)
+    runs = _runs(mask)
+    sizes = [size for _, size in runs]
+    assert max(sizes) - min(sizes) <= 1 and abs(np.mean(sizes) - 8) <= 4
+    assert runs[0][0] > 0 and runs[-1][0] + runs[-1][1] == length  # every run follows SLM tokens
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.8])
@@ -81,3 +96,28 @@ def test_cli_bench_forced_and_acceptance_flags(tmp_path, capsys):
     for name in ("| llm |", "| slm |", "| forced:0.2:4 |", "| forced:pattern[3-5,9] |", "| spec:2@0.5 |", "| spec:2@0.9 |"):
         assert name in table
     assert "| spec:2 |" not in table
+
+
+@pytest.mark.slow
+def test_e2e_benchmark_script_runs_on_the_cpu(tmp_path):
+    """bench/e2e.py (issue 5's one command) end to end on tiny shapes: every section, finite numbers."""
+    import json
+    import math
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "e2e.py"
+    subprocess.run([sys.executable, str(script), "--shapes", "tiny,small", "--device", "cpu", "--quick",
+                    "--max-tokens", "64", "--prompt-len", "16", "--out", str(tmp_path)], check=True,
+                   capture_output=True, timeout=600)
+    [result] = tmp_path.glob("e2e-cpu-*.json")
+    data = json.loads(result.read_text())
+    assert {"batch1", "cost_model", "share_sweep", "spec_forced_acceptance", "batch_sweep", "long_context",
+            "variants", "hf_baseline"} <= set(data)
+    assert [r["llm_share"] for r in data["share_sweep"]] == [0.0, 6 / 64, 1.0]
+    assert math.isfinite(data["cost_model"][0]["error_pct"]) and data["cost_model"][0]["predicted_s"] > 0
+    assert all(r["expected_speedup"] > 0 and math.isfinite(r["error_pct"]) for r in data["spec_forced_acceptance"])
+    assert all(r["tok_s"] > 0 for section in ("batch1", "long_context", "variants", "hf_baseline")
+               for r in data[section])
+    assert {p.name.rsplit("-", 1)[-1] for p in tmp_path.glob("*.png")} == {"share.png", "batch.png"}

@@ -102,11 +102,18 @@ class Forced(Policy):
 
     @classmethod
     def periodic(cls, llm_share: float, run: int, length: int) -> "Forced":
-        """Exactly `llm_share` of `length` positions, in LLM runs of `run` at a fixed period."""
-        if llm_share <= 0:
+        """round(llm_share * length) LLM positions in runs of about `run`, one at the end of each of
+        equal segments of the output (so every run follows an SLM stretch, as in real switching)."""
+        n = min(length, round(llm_share * length))
+        if n <= 0:
             return cls(pattern=())
-        period = max(run, round(run / llm_share))
-        return cls(pattern=tuple(p for p in range(length) if p % period >= period - run))
+        runs = max(1, round(n / run))
+        pattern = []
+        for i in range(runs):
+            size = n // runs + (i < n % runs)
+            end = (i + 1) * length // runs
+            pattern += range(end - size, end)
+        return cls(pattern=tuple(pattern))
 
     @property
     def name(self):
