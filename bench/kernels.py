@@ -27,6 +27,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRAPH_REPLAYS = 15
+DEVICE = "cuda"  # where cases build their inputs; the CPU test of the case builders sets "cpu"
 
 
 # ---------------------------------------------------------------- timing
@@ -83,7 +84,7 @@ def input_sets(bytes_per_set, build, l2_bytes, most=16):
 # ---------------------------------------------------------------- cases
 
 def _gen(i):
-    return torch.Generator(device="cuda").manual_seed(1000 + i)
+    return torch.Generator(device=DEVICE).manual_seed(1000 + i)
 
 
 def stitch_cases(n_rows_list, sampled):
@@ -93,11 +94,11 @@ def stitch_cases(n_rows_list, sampled):
     for n_rows in n_rows_list:
         def build(i, n_rows=n_rows):
             g = _gen(i)
-            logits = (torch.randn(n_rows, vocab, device="cuda", generator=g) * 3).to(torch.bfloat16)
-            f32 = lambda v: torch.full((n_rows,), v, device="cuda")  # noqa: E731
+            logits = (torch.randn(n_rows, vocab, device=DEVICE, generator=g) * 3).to(torch.bfloat16)
+            f32 = lambda v: torch.full((n_rows,), v, device=DEVICE)  # noqa: E731
             return dict(logits=logits, vocab_limit=vocab_limit, temperature=f32(0.7 if sampled else 0.0),
-                        cutoff=f32(float("-inf")), seed=torch.arange(n_rows, device="cuda") + i,
-                        sample_pos=torch.zeros(n_rows, dtype=torch.int32, device="cuda"),
+                        cutoff=f32(float("-inf")), seed=torch.arange(n_rows, device=DEVICE) + i,
+                        sample_pos=torch.zeros(n_rows, dtype=torch.int32, device=DEVICE),
                         tau_up=f32(0.5), tau_down=f32(0.3), is_llm=0)
 
         def torch_greedy(a):
@@ -128,11 +129,11 @@ def decode_cases(contexts, head_configs, batch=32, page=16, head_dim=128):
 
             def build(i, context=context, hq=num_q_heads, hkv=num_kv_heads, bps=blocks_per_seq):
                 g = _gen(i)
-                pool = torch.randn(2, batch * bps, page, hkv, head_dim, device="cuda", generator=g).to(torch.bfloat16)
-                tables = torch.randperm(batch * bps, device="cuda", generator=g).int().view(batch, bps)
-                seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-                q = torch.randn(batch, hq, head_dim, device="cuda", generator=g).to(torch.bfloat16)
-                return (q, pool[0], pool[1], tables, torch.arange(batch, dtype=torch.int32, device="cuda"),
+                pool = torch.randn(2, batch * bps, page, hkv, head_dim, device=DEVICE, generator=g).to(torch.bfloat16)
+                tables = torch.randperm(batch * bps, device=DEVICE, generator=g).int().view(batch, bps)
+                seq_lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+                q = torch.randn(batch, hq, head_dim, device=DEVICE, generator=g).to(torch.bfloat16)
+                return (q, pool[0], pool[1], tables, torch.arange(batch, dtype=torch.int32, device=DEVICE),
                         seq_lens, head_dim ** -0.5)
 
             kv_bytes = 2 * batch * context * num_kv_heads * head_dim * 2
@@ -155,8 +156,8 @@ def elementwise_cases(token_counts):
         for tokens in token_counts:
             def norm_build(i, tokens=tokens, hidden=hidden):
                 g = _gen(i)
-                x, res = (torch.randn(tokens, hidden, device="cuda", generator=g).to(bf16) for _ in range(2))
-                return x, torch.randn(hidden, device="cuda", generator=g).to(bf16), 1e-6, res
+                x, res = (torch.randn(tokens, hidden, device=DEVICE, generator=g).to(bf16) for _ in range(2))
+                return x, torch.randn(hidden, device=DEVICE, generator=g).to(bf16), 1e-6, res
 
             yield dict(name="rms_norm", shape=f"T={tokens} H={hidden} bf16", bytes=2 * tokens * hidden * 2 + hidden * 2,
                        build=norm_build, triton=lambda a: K.rms_norm(*a[:3]), torch=lambda a: K.rms_norm_ref(*a[:3]),
@@ -170,11 +171,11 @@ def elementwise_cases(token_counts):
 
             def rope_build(i, tokens=tokens, hq=m["hq"], hkv=m["hkv"]):
                 g = _gen(i)
-                qkv = torch.randn(tokens, (hq + 2 * hkv) * 128, device="cuda", generator=g).to(bf16)
+                qkv = torch.randn(tokens, (hq + 2 * hkv) * 128, device=DEVICE, generator=g).to(bf16)
                 q = qkv[:, :hq * 128].view(tokens, hq, 128)
                 k = qkv[:, hq * 128:(hq + hkv) * 128].view(tokens, hkv, 128)
-                cache = torch.randn(32768, 128, device="cuda", generator=g)
-                return q, k, torch.randint(0, 32768, (tokens,), device="cuda", generator=g).int(), cache
+                cache = torch.randn(32768, 128, device=DEVICE, generator=g)
+                return q, k, torch.randint(0, 32768, (tokens,), device=DEVICE, generator=g).int(), cache
 
             rope_bytes = 2 * tokens * (m["hq"] + m["hkv"]) * 128 * 2 + tokens * 128 * 4
             yield dict(name="apply_rotary", shape=f"T={tokens} Hq={m['hq']} Hkv={m['hkv']} D=128 bf16",
@@ -182,14 +183,14 @@ def elementwise_cases(token_counts):
                        torch=lambda a: K.apply_rotary_ref(*a), torch_name="apply_rotary_ref", check=None)
 
             def act_build(i, tokens=tokens, inter=m["inter"]):
-                return (torch.randn(tokens, 2 * inter, device="cuda", generator=_gen(i)).to(bf16),)
+                return (torch.randn(tokens, 2 * inter, device=DEVICE, generator=_gen(i)).to(bf16),)
 
             yield dict(name="silu_and_mul", shape=f"T={tokens} I={m['inter']} bf16", bytes=3 * tokens * m["inter"] * 2,
                        build=act_build, triton=lambda a: K.silu_and_mul(*a), torch=lambda a: K.silu_and_mul_ref(*a),
                        torch_name="silu_and_mul_ref", check=lambda a: _rel(K.silu_and_mul(*a), K.silu_and_mul_ref(*a)))
 
 
-REAL_MODELS = {"1.5B": "1.5b", "7B": "7b"}  # rstitch_engine.random_models.SHAPES
+REAL_MODELS = {"1.5B": "1.5b", "7B": "7b"}  # rstitch_engine.random_models.SHAPES (the CPU test: "tiny")
 
 
 def _gemv_case(name, model, m, n, k, fused, unfused, unfused_name, cublas, ref, extra_bytes=0, x_cols=None):
@@ -197,7 +198,7 @@ def _gemv_case(name, model, m, n, k, fused, unfused, unfused_name, cublas, ref, 
     b [n]. Bytes: weight, x and output once, plus `extra_bytes` elements."""
     def build(i):
         g = _gen(i)
-        rand = lambda *shape: torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
+        rand = lambda *shape: torch.randn(*shape, device=DEVICE, generator=g).to(torch.bfloat16)  # noqa: E731
         return dict(x=rand(m, x_cols or k), act=rand(m, k), res=rand(m, k), nw=rand(k), w=rand(n, k) * 0.02,
                     b=rand(n))
 
@@ -216,7 +217,6 @@ def fused_cases(row_counts):
 
     import rstitch_engine.kernels as K
     from rstitch_engine.kernels import fused_linear as FL
-    from rstitch_engine.kernels import rope_store as RS
     from rstitch_engine.random_models import SHAPES
 
     eps = 1e-6
@@ -251,13 +251,13 @@ def fused_cases(row_counts):
 
             def rope_build(i, m=m, hq=hq, hkv=hkv, page=16):
                 g = _gen(i)
-                qkv_out = torch.randn(m, (hq + 2 * hkv) * 128, device="cuda", generator=g).to(torch.bfloat16)
-                pool = torch.randn(2, 4096, page, hkv, 128, device="cuda", generator=g).to(torch.bfloat16)
+                qkv_out = torch.randn(m, (hq + 2 * hkv) * 128, device=DEVICE, generator=g).to(torch.bfloat16)
+                pool = torch.randn(2, 4096, page, hkv, 128, device=DEVICE, generator=g).to(torch.bfloat16)
                 q, k, v = qkv_out.split([hq * 128, hkv * 128, hkv * 128], dim=-1)
                 return (q.view(m, hq, 128), k.view(m, hkv, 128), v.view(m, hkv, 128),
-                        torch.randint(0, 32768, (m,), device="cuda", generator=g).int(),
-                        torch.randn(32768, 128, device="cuda", generator=g), pool[0], pool[1],
-                        torch.randperm(4096 * page, device="cuda", generator=g)[:m].int())
+                        torch.randint(0, 32768, (m,), device=DEVICE, generator=g).int(),
+                        torch.randn(32768, 128, device=DEVICE, generator=g), pool[0], pool[1],
+                        torch.randperm(4096 * page, device=DEVICE, generator=g)[:m].int())
 
             def rope_unfused(a):
                 K.apply_rotary(*a[:2], *a[3:5])
@@ -265,7 +265,7 @@ def fused_cases(row_counts):
 
             yield dict(name="rope_store", shape=f"T={m} Hq={hq} Hkv={hkv} D=128 bf16", build=rope_build,
                        bytes=2 * m * (hq + 2 * hkv) * 128 * 2 + m * 128 * 4,
-                       triton=lambda a: RS.rope_store(*a), torch=rope_unfused, torch_name="apply_rotary + store_kv",
+                       triton=lambda a: K.rope_store(*a), torch=rope_unfused, torch_name="apply_rotary + store_kv",
                        check=None)
 
 
@@ -287,20 +287,20 @@ def decode_layer_cases(row_counts, context=1024, layers=8, page=16):
         cfg = dataclasses.replace(SHAPES[key], vocab_size=1024, num_layers=layers)
         for m in row_counts:
             def build(i, cfg=cfg, m=m):
-                w = random_weights(cfg, bf16, "cuda", seed=i)
+                w = random_weights(cfg, bf16, DEVICE, seed=i)
                 blocks = context // page
-                pool = [torch.randn(2, m * blocks, page, cfg.num_kv_heads, cfg.head_dim, device="cuda").to(bf16)
+                pool = [torch.randn(2, m * blocks, page, cfg.num_kv_heads, cfg.head_dim, device=DEVICE).to(bf16)
                         for _ in range(layers)]
-                tables = torch.arange(m * blocks, dtype=torch.int32, device="cuda").view(m, blocks)
-                rows = torch.arange(m, dtype=torch.int32, device="cuda")
+                tables = torch.arange(m * blocks, dtype=torch.int32, device=DEVICE).view(m, blocks)
+                rows = torch.arange(m, dtype=torch.int32, device=DEVICE)
                 meta = O.AttentionMeta(slot_mapping=rows * context + context - 1, block_tables=tables, seq_slot=rows,
-                                       query_start_loc=torch.arange(m + 1, dtype=torch.int32, device="cuda"),
-                                       seq_lens=torch.full((m,), context, dtype=torch.int32, device="cuda"),
+                                       query_start_loc=torch.arange(m + 1, dtype=torch.int32, device=DEVICE),
+                                       seq_lens=torch.full((m,), context, dtype=torch.int32, device=DEVICE),
                                        max_query_len=1, scale=cfg.head_dim ** -0.5)
-                ids = torch.randint(0, cfg.vocab_size, (m,), device="cuda")
-                positions = torch.full((m,), context - 1, dtype=torch.int32, device="cuda")
+                ids = torch.randint(0, cfg.vocab_size, (m,), device=DEVICE)
+                positions = torch.full((m,), context - 1, dtype=torch.int32, device=DEVICE)
                 return dict(cfg=cfg, w=w, caches=[(c[0], c[1]) for c in pool], meta=meta, ids=ids, positions=positions,
-                            cos_sin=cos_sin_table(cfg, context, "cuda"))
+                            cos_sin=cos_sin_table(cfg, context, DEVICE))
 
             def run(a, fused, n_layers=layers):
                 ops = O.Ops(triton=True)
