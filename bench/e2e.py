@@ -79,7 +79,8 @@ def hf_baseline(args, shape: str, prompt: list[int]) -> dict:
     cfg = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                       num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
                       num_key_value_heads=c.num_kv_heads, max_position_embeddings=c.max_position_embeddings)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    with torch.device(args.device):  # initialise on the device: a 7B random init on the host takes minutes
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, args.dtype)).eval()
     ids = torch.tensor([prompt], device=args.device)
     new = min(args.max_tokens, 64)
     model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
