@@ -124,6 +124,8 @@ def decode_cases(contexts, head_configs, batch=32, page=16, head_dim=128):
     import rstitch_engine.kernels as K
 
     for context in contexts:
+        if context % page:
+            raise ValueError(f"decode case: context {context} must be a multiple of the page size {page}")
         for num_q_heads, num_kv_heads in head_configs:
             blocks_per_seq = context // page
 
