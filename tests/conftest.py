@@ -59,10 +59,14 @@ def close_pair(tiny, tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` skip cleanly where there is no CUDA device."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    """Tests marked `cuda` skip cleanly where there is no CUDA device, tests marked `demo_pair` where the demo
+    pair is not installed."""
+    from rstitch_engine.demo_pair import demo_pair_installed
+
+    missing = {"cuda": (not torch.cuda.is_available(), "needs a CUDA device"),
+               "demo_pair": (not demo_pair_installed(), "demo pair not installed: pip install -e '.[demo]'")}
+    for marker, (absent, reason) in missing.items():
+        if absent:
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(pytest.mark.skip(reason=reason))

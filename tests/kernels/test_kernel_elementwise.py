@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_test_utils import DEVICE, assert_close, assert_same_rounding, poison, randn, requires_cuda
+from kernel_test_utils import DEVICE, assert_close, assert_same_rounding, poison, randn
 from rstitch_engine.kernels import (apply_rotary, apply_rotary_ref, rms_norm, rms_norm_ref, silu_and_mul,
                                     silu_and_mul_ref)
 
@@ -100,7 +100,7 @@ def test_silu_and_mul(tokens, inter, dtype):
     assert_close(out, torch.nn.functional.silu(gate) * up, dtype)
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("tokens", [1, 32, 256])
 @pytest.mark.parametrize("hidden, inter", [(1536, 8960), (3584, 18944)])
 def test_elementwise_real_shapes_cuda(tokens, hidden, inter):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import engine_logits, hf_logits
-from kernel_test_utils import DEVICE, assert_close, assert_same_rounding, poison, randn, requires_cuda
+from kernel_test_utils import DEVICE, assert_close, assert_same_rounding, poison, randn
 from rstitch_engine.engine.ops import FUSED_MAX_ROWS, Ops
 from rstitch_engine.kernels.fused_linear import (linear, linear_ref, norm_linear, norm_linear_ref,
                                                  silu_mul_linear, silu_mul_linear_ref)
@@ -187,7 +187,7 @@ def test_rope_store(tokens, num_q_heads, num_kv_heads, head_dim, page, dtype):
 REAL = {"1.5B": dict(hidden=1536, qkv=2048, ffn=8960), "7B": dict(hidden=3584, qkv=4608, ffn=18944)}
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("rows", [1, 4, 8, 16])
 @pytest.mark.parametrize("model", list(REAL))
 def test_fused_linear_real_shapes_cuda(model, rows):
@@ -210,7 +210,7 @@ def test_fused_linear_real_shapes_cuda(model, rows):
         assert_close(linear(h, o_w, num_splits=splits), linear_ref(h, o_w))
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("tokens", [1, 16, 256])
 @pytest.mark.parametrize("model", list(REAL))
 def test_rope_store_real_shapes_cuda(model, tokens):

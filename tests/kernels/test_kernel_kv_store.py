@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_test_utils import DEVICE, randn, requires_cuda
+from kernel_test_utils import DEVICE, randn
 from rstitch_engine.kernels import store_kv, store_kv_ref
 
 
@@ -40,7 +40,7 @@ def test_store_kv(num_tokens, num_kv_heads, head_dim, page, dtype, strided):
                 strided=strided)
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("num_tokens", [1, 256, 4096])
 def test_store_kv_real_shapes_cuda(num_tokens):
     check_store(num_tokens, 4, 128, 16, torch.bfloat16, num_blocks=2048, strided=True)

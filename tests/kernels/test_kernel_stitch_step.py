@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernel_test_utils import DEVICE, poison, randn, rel_err, requires_cuda
+from kernel_test_utils import DEVICE, poison, randn, rel_err
 from rstitch_engine.kernels import sampling_cutoff, stitch_step, stitch_step_ref
 
 TEMPERATURES = [0.0, 0.7, 1.0, 1.3, 0.0, 0.5]
@@ -243,7 +243,7 @@ def test_sampling_distribution_many_seeds(top_k, top_p):
     check_distribution(stitch_step, 1000, top_k, top_p)
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("n_rows", [1, 8, 64, 256])
 @pytest.mark.parametrize("is_llm", [0, 1])
 def test_real_shapes_cuda(n_rows, is_llm):
