@@ -191,6 +191,7 @@ PYBIND11_MODULE(_C, m) {
              d["token_ids"] = std::vector<int32_t>(r.tokens.begin() + r.n_prompt, r.tokens.end());
              d["sources"] = std::vector<int32_t>(r.sources.begin(), r.sources.end());
              d["entropies"] = r.entropies;
+             d["routed"] = r.routed;
              const char* f = finish_name(r.finish);
              d["finish_reason"] = f ? py::str(f) : py::object(py::none());
              d["error"] = r.error;

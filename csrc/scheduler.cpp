@@ -444,6 +444,11 @@ void Scheduler::apply(Request& r, const Dispatch& d, const Results& res, int64_t
         break;
       }
       if (d.model == kSLM) {
+        // The router was asked where the entropy rule alone would switch (the stitch step compares the
+        // same float32 values); its decision is the one that took effect.
+        const int32_t out_index = r.n_out();
+        if (r.spec.use_router && r.spec.forced.empty() && res.entropies[row] > tau_up(r, out_index))
+          r.routed.push_back(out_index);
         if (flags & kKeep) {
           emit(r, res.tokens[row], kSLM, res.entropies[row], ev);
         } else {

@@ -1,4 +1,6 @@
-// Request state machine and per-step planning for two models over one block table (method.md, section 1).
+// Request state machine and per-step planning for two models over one block table: the rules of
+// docs/method.md ('The R-Stitch rule' and the sections after it), planned as in docs/design.md
+// ('Scheduler: plan and commit').
 //
 // Each step the scheduler plans one SLM sub-batch and one LLM sub-batch: per row a span of new tokens
 // [start, end) over which that model extends its KV cache (1 token: a decode), and the logits rows it must
@@ -106,6 +108,7 @@ struct Request {
   std::vector<int32_t> tokens;  // prompt + committed output
   std::vector<uint8_t> sources;  // per output token: 0 SLM, 1 LLM
   std::vector<float> entropies;
+  std::vector<int32_t> routed;   // output indices the R-Stitch+ router decided (SLM H > tau_up)
   int32_t active = kSLM;
   std::array<int32_t, 2> filled{0, 0};  // KV length per model once the dispatched steps have run
   int32_t vlen = 0;                     // sequence length once in-flight tokens are kept

@@ -121,15 +121,19 @@ class ModelRunner:
             keep = self.router.keeps(hidden, v.router_features[rows], v.seed[rows], v.sample_pos[rows])
             tau_up = torch.where((v.use_router[rows] != 0) & keep, float("inf"), tau_up)
         tokens, result_flags = self.tokens[rows], self.flags[rows]
-        self.ops.stitch_step(logits, self.vocab_limit, temperature, cutoff, v.seed[rows], v.sample_pos[rows],
-                             tau_up, v.tau_down[rows], int(self.model), self.tables.tokens, v.out_slot[rows],
-                             v.out_pos[rows], out=(tokens, self.entropies[rows], result_flags))
+        self.ops.stitch_step(logits, self.vocab_limit, temperature=temperature, cutoff=cutoff, seed=v.seed[rows],
+                             sample_pos=v.sample_pos[rows], tau_up=tau_up, tau_down=v.tau_down[rows],
+                             is_llm=int(self.model), token_table=self.tables.tokens, out_slot=v.out_slot[rows],
+                             out_pos=v.out_pos[rows], out=(tokens, self.entropies[rows], result_flags))
         if flags.sampled_drafts:
             # Keep each draft's distribution for the rejection rule; other rows go to the sink slot.
             spec_index = v.spec_index[rows]
             slot = torch.where(spec_index >= 0, v.out_slot[rows], self.num_slots)
             draft_logits[slot.long(), spec_index.clamp(min=0).long()] = logits[:, :self.vocab_limit].to(draft_logits.dtype)
         if flags.verify:
-            verify_drafts(logits, self.vocab_limit, tokens, result_flags, v.verify_start[rows], v.spec_index[rows],
-                          v.sample_pos[rows], v.out_slot[rows], v.seed[rows], temperature, top_k, top_p, cutoff,
-                          self.tables.tokens, draft_logits if flags.sampling else None, v.accept_rate[rows])
+            verify_drafts(logits, self.vocab_limit, tokens=tokens, flags=result_flags,
+                          verify_start=v.verify_start[rows], spec_index=v.spec_index[rows],
+                          sample_pos=v.sample_pos[rows], out_slot=v.out_slot[rows], seed=v.seed[rows],
+                          temperature=temperature, top_k=top_k, top_p=top_p, cutoff=cutoff,
+                          token_table=self.tables.tokens, draft_logits=draft_logits if flags.sampling else None,
+                          accept_rate=v.accept_rate[rows])

@@ -10,6 +10,8 @@ from collections import deque
 
 import torch
 
+from rstitch_engine.protocol import MODELS
+
 from .model_runner import DeviceTables, ModelRunner
 from .plan import HostPlan
 from .readback import StepResults
@@ -36,7 +38,7 @@ class StepLoop:
         step, parity = self.next_step, self.next_step % 2
         self.next_step += 1
         plans, updates = self.host[parity], self.table_updates[parity]
-        bufs = [(plans[m].i32_np, plans[m].f32_np) if m in plans else (None, None) for m in (0, 1)]
+        bufs = [(plans[m].i32_np, plans[m].f32_np) if m in plans else (None, None) for m in MODELS]
         rows = self.sched.plan(step, *bufs[0], *bufs[1], updates.numpy())
         if rows:
             self.tables.apply_updates(updates, self.sched.table_update_capacity)
@@ -57,7 +59,7 @@ class StepLoop:
 
     def commit(self, step: int, parity: int, ran: list[int]) -> list:
         args, seconds = [], [0.0, 0.0]
-        for m in (0, 1):
+        for m in MODELS:
             if m in ran:
                 res = self.results[parity][m]
                 seconds[m] = res.wait()

@@ -1,7 +1,10 @@
 """Triton kernels of the engine, each with a plain-torch reference of the same signature.
 
-Pick an implementation with `use_triton(device)`: the Triton launchers on CUDA (or on the CPU under
-TRITON_INTERPRET=1), else the `*_ref` functions.
+The engine binds one set for its whole runtime: `EngineConfig(kernels="triton" | "torch")` (default: Triton
+on CUDA, the `*_ref` references on the CPU) becomes `Ops(triton=...)` in engine/ops.py, which takes `name` or
+`name_ref` for every op. `use_triton(device)` (common.py) only says whether the Triton launchers can run on a
+device (CUDA, or the CPU under TRITON_INTERPRET=1 set before these modules are imported); the engine does not
+call it.
 """
 from .activation import silu_and_mul, silu_and_mul_ref
 from .common import use_triton

@@ -71,8 +71,10 @@ def _operand(x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, rows, cols,
         if HAS_RESIDUAL:
             residual = tl.load(residual_ptr + rows[:, None] * residual_stride + cols[None, :], mask=mask, other=0.0)
             x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)  # rounded as the stream is stored
-            tl.store(residual_out_ptr + rows[:, None] * residual_out_stride + cols[None, :], x,
-                     mask=mask & write_residual)
+            # NOTE: a branch on the program-uniform flag, not `mask & write_residual`: triton 3.9's
+            # interpreter turns a scalar int1 and'ed with a block mask into int32 and refuses it.
+            if write_residual:
+                tl.store(residual_out_ptr + rows[:, None] * residual_out_stride + cols[None, :], x, mask=mask)
         x = x.to(tl.float32)
         sumsq += tl.sum(x * x, axis=1)
         x = x * tl.load(norm_weight_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
@@ -122,8 +124,8 @@ def _gemv_kernel(x_ptr, residual_ptr, norm_weight_ptr, w_ptr, bias_ptr, out_ptr,
         row_mask = rows < n_rows
         tl.store(part_ptr + (split * n_rows + rows[:, None]) * N + cols[None, :], acc,
                  mask=row_mask[:, None] & (cols < N)[None, :])
-        if PROLOGUE == NORM:
-            tl.store(part_sumsq_ptr + split * n_rows + rows, sumsq, mask=row_mask & (tile == 0))
+        if PROLOGUE == NORM and tile == 0:  # a branch, not a mask: see _operand
+            tl.store(part_sumsq_ptr + split * n_rows + rows, sumsq, mask=row_mask)
     else:
         _epilogue(acc, sumsq, rows, cols, n_rows, N, K, eps, bias_ptr, out_ptr, out_stride, PROLOGUE == NORM, HAS_BIAS)
 

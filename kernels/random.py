@@ -2,7 +2,12 @@
 
 A value depends only on (seed, pos, col, stream), never on the launch or the batch a row sits in,
 so a row samples the same token alone or batched, on the GPU or in the torch reference.
-Streams: 0 = stitch-step sampling, 1 and 2 = speculative-decoding verification.
+Streams (rstitch_engine.protocol.Stream), one per consumer, so no two draw the same numbers:
+  0 STITCH         stitch-step sampling, Gumbel-max over the row (stitch_step.py)
+  1 SPEC_ACCEPT    speculative verification: accept draft j with min(1, q/p), and the forced acceptance of
+                   `accept_rate` in benchmarks (spec_verify.py)
+  2 SPEC_RESAMPLE  speculative verification: Gumbel noise to resample the first rejected position
+  3 ROUTER         R-Stitch+ router: sampled keep/switch decisions at temperature > 0 (router/device.py)
 
     mix32(x)  = x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16   (uint32)
     hash_u32  = mix32(mix32(mix32(seed ^ (stream * 0x9E3779B9)) ^ pos) ^ col)

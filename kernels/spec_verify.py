@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from rstitch_engine.protocol import ResultFlag, Stream
+
 from .random import gumbel_noise, uniform_noise
 from .stitch_step import sampling_cutoff
 
-KEEP, NAN = 1, 4
+KEEP, NAN = int(ResultFlag.KEEP), int(ResultFlag.NAN)
 
 
 def _masked_probs(logits: torch.Tensor, temperature: torch.Tensor, cutoff: torch.Tensor) -> torch.Tensor:
@@ -26,7 +28,7 @@ def _masked_probs(logits: torch.Tensor, temperature: torch.Tensor, cutoff: torch
     return torch.softmax(x, dim=-1)
 
 
-def verify_drafts(logits, vocab_limit: int, tokens, flags, verify_start, spec_index, sample_pos, out_slot,
+def verify_drafts(logits, vocab_limit: int, *, tokens, flags, verify_start, spec_index, sample_pos, out_slot,
                   seed, temperature, top_k, top_p, cutoff, token_table, draft_logits=None,
                   accept_rate=None) -> None:
     """Rewrites `tokens` and `flags` of verify rows in place and writes each group's final token to
@@ -45,16 +47,16 @@ def verify_drafts(logits, vocab_limit: int, tokens, flags, verify_start, spec_in
         p_logits = draft_logits[out_slot, spec_index.clamp(min=0)]
         p = _masked_probs(p_logits, temperature, sampling_cutoff(p_logits, temperature, top_k, top_p, vocab_limit))
         d = draft.long().clamp(0, vocab_limit - 1)[:, None]
-        u = uniform_noise(seed, sample_pos, cols[:1], stream=1)[:, 0]
+        u = uniform_noise(seed, sample_pos, cols[:1], stream=Stream.SPEC_ACCEPT)[:, 0]
         sampled_accept = u * p.gather(1, d)[:, 0] < q.gather(1, d)[:, 0]
         residual = (q - p).clamp(min=0)
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, q)
-        resampled = (residual.log() + gumbel_noise(seed, sample_pos, cols, stream=2)).argmax(-1).to(tokens.dtype)
+        resampled = (residual.log() + gumbel_noise(seed, sample_pos, cols, stream=Stream.SPEC_RESAMPLE)).argmax(-1).to(tokens.dtype)
         sampling = temperature > 0
         accept = torch.where(sampling, sampled_accept, accept)
         final_token = torch.where(sampling & has_draft, resampled, tokens)
     if accept_rate is not None:
-        forced = uniform_noise(seed, sample_pos, sample_pos.new_zeros(1), stream=1)[:, 0] < accept_rate
+        forced = uniform_noise(seed, sample_pos, sample_pos.new_zeros(1), stream=Stream.SPEC_ACCEPT)[:, 0] < accept_rate
         accept = torch.where(accept_rate >= 0, forced, accept)
     accept = accept & has_draft & ((flags & NAN) == 0)
     # A row is kept when no row before it in its group was rejected.

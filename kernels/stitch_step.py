@@ -3,7 +3,8 @@
 One read of each logits row gives
   * H = (-sum p log p) / ln V over all V columns (softmax at temperature 1, online: m, S0, S1),
   * the next token: greedy argmax, or Gumbel-max sampling with the counter-based noise of random.py,
-  * flags = keep | next_llm << 1 (4 alone: the row has a NaN or +inf logit; token -1, H NaN).
+  * flags = KEEP | NEXT_LLM (rstitch_engine.protocol.ResultFlag; NAN alone: the row has a NaN or +inf
+    logit; token -1, H NaN).
 
 NOTE: split-V. A single program streaming a 300 KB row is latency-bound, so for small L each row is
 cut into `splits` contiguous ranges of whole chunks: pass 1 writes one partial (m, S0, S1, best score,
@@ -17,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rstitch_engine.protocol import ResultFlag, Stream
+
 from .common import num_sms
 from .random import gumbel_from_hash, gumbel_noise, hash_u32
 
@@ -24,7 +27,10 @@ NUM_WARPS = 8
 NUM_STAGES = 3  # cp.async pipelining of the chunk loads (loads ahead of use)
 BYTES_PER_THREAD = 16  # one 16-byte load per thread per chunk
 PROGRAMS_PER_SM = 4
-STITCH_STREAM = 0
+STITCH_STREAM = int(Stream.STITCH)
+FLAG_NAN = tl.constexpr(int(ResultFlag.NAN))
+FLAG_NEXT_LLM = tl.constexpr(int(ResultFlag.NEXT_LLM))
+FLAG_KEEP = tl.constexpr(int(ResultFlag.KEEP))
 NEG_BIG = tl.constexpr(-1.0e30)  # finite stand-in for -inf in the online sums (no inf - inf)
 FIELDS = tl.constexpr(6)  # per partial: m, S0, S1, best score, best id, bad (ids < 2**24: exact in f32)
 
@@ -58,7 +64,7 @@ def _finish_row(row, m, s0, s1, best_id, bad, inv_log_v, tau_up_ptr, tau_down_pt
     token = tl.where(bad, -1, best_id)
     tl.store(tokens_ptr + row, token)
     tl.store(entropy_ptr + row, tl.where(bad, float("nan"), entropy))
-    tl.store(flags_ptr + row, tl.where(bad, 4, keep | (next_llm << 1)))
+    tl.store(flags_ptr + row, tl.where(bad, FLAG_NAN, keep * FLAG_KEEP + next_llm * FLAG_NEXT_LLM))
     if HAS_TABLE:
         pos = tl.load(out_pos_ptr + row)
         slot = tl.load(out_slot_ptr + row).to(tl.int64)
@@ -166,7 +172,7 @@ def _outputs(logits: torch.Tensor, out):
             torch.empty(n, dtype=torch.int32, device=logits.device))
 
 
-def stitch_step(logits, vocab_limit, temperature, cutoff, seed, sample_pos, tau_up, tau_down, is_llm,
+def stitch_step(logits, vocab_limit, *, temperature, cutoff, seed, sample_pos, tau_up, tau_down, is_llm,
                 token_table=None, out_slot=None, out_pos=None, out=None, num_splits=None):
     """Triton launcher: -> (tokens [L] int32, entropy [L] float32, flags [L] int32).
     `num_splits` (rows cut into that many ranges) is chosen from L, V and the device when None."""
@@ -200,7 +206,7 @@ def stitch_step(logits, vocab_limit, temperature, cutoff, seed, sample_pos, tau_
     return outputs
 
 
-def stitch_step_ref(logits, vocab_limit, temperature, cutoff, seed, sample_pos, tau_up, tau_down, is_llm,
+def stitch_step_ref(logits, vocab_limit, *, temperature, cutoff, seed, sample_pos, tau_up, tau_down, is_llm,
                     token_table=None, out_slot=None, out_pos=None, out=None, num_splits=None):
     """Plain-torch reference (the CPU runtime's implementation); `num_splits` is ignored."""
     x = logits.float()
@@ -228,7 +234,7 @@ def stitch_step_ref(logits, vocab_limit, temperature, cutoff, seed, sample_pos, 
         next_llm = 1 - keep
     token = torch.where(bad, -1, token)
     entropy = torch.where(bad, float("nan"), entropy)
-    flags = torch.where(bad, 4, keep | (next_llm << 1)).int()
+    flags = torch.where(bad, FLAG_NAN.value, keep * FLAG_KEEP.value + next_llm * FLAG_NEXT_LLM.value).int()
     if token_table is not None:
         write = out_pos >= 0  # NOTE: boolean indexing syncs; fine for the CPU runtime this serves
         token_table[out_slot[write].long(), out_pos[write].long()] = token[write]

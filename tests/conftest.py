@@ -70,3 +70,14 @@ def pytest_collection_modifyitems(config, items):
             for item in items:
                 if marker in item.keywords:
                     item.add_marker(pytest.mark.skip(reason=reason))
+    for item in items:  # one worker runs them one after another: each holds ~10 GB of fp32 weights
+        if "demo_pair" in item.keywords:
+            item.add_marker(pytest.mark.xdist_group("demo_pair"))
+
+
+MAX_WORKERS = 4  # each worker imports torch and builds its own tiny models: more cost memory, gain little
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per core this process may use, at most MAX_WORKERS."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))

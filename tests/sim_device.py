@@ -25,7 +25,8 @@ def model_output(model: int, context: list[int], vocab: int) -> tuple[int, float
 
 def reference(prompt: list[int], max_tokens: int, eos: int, vocab: int, *, tau_up: float, tau_down: float,
               start: int = 0, handover_after: int = 0, forced=None, spec_k: int = 0):
-    """The rules of method.md on the fake models (greedy speculative decoding emits the LLM's tokens)."""
+    """The rules of docs/method.md ('The R-Stitch rule', 'Speculative decoding (baseline)') on the fake models
+    (greedy speculative decoding emits the LLM's tokens)."""
     if spec_k:
         tau_up, tau_down, start = float("inf"), float("-inf"), 1
     return stitch(lambda m, seq: model_output(m, seq, vocab), prompt, max_tokens, {eos}, tau_up=tau_up,

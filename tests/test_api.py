@@ -119,7 +119,7 @@ def test_memory_pressure_preempts_and_never_leaks(llm):
     per_token = ModelConfig.from_dir(llm).kv_bytes_per_token(torch.float32)
     eng = Engine(llm=llm, device="cpu", block_size=4, kv_cache_gb=12 * 4 * per_token / 2**30, max_model_len=48,
                  max_num_seqs=8)
-    assert eng.scheduler_config.num_blocks == 12
+    assert eng.runtime.scheduler_config.num_blocks == 12
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     prompts = [[i + 3] * (3 + i) for i in range(8)]
     outs = eng.generate(prompts, params, use_tqdm=False)

@@ -17,7 +17,7 @@ from rstitch_engine.policies import parse_policies
 
 from rstitch_engine.evaluation import (PROMPT_SUFFIX, SUMMARY_COLUMNS, answers_equal, build_messages,
                                        extract_answer, generate_problems, load_problems, markdown_table, pareto_plot,
-                                       render_html, render_terminal, run_eval, summarize,
+                                       render_html, render_terminal, run_eval, summarize_policies,
                                        synthetic_problems, token_pieces, write_results)
 from rstitch_engine.evaluation.synthetic import OPS, TEMPLATES
 from rstitch_engine.tiny import make_tokenizer
@@ -157,36 +157,36 @@ RECORDS = [
 ]
 
 
-def test_summarize():
-    rows = {row["policy"]: row for row in summarize(RECORDS)}
+def test_summarize_policies():
+    rows = {row["policy"]: row for row in summarize_policies(RECORDS)}
     assert list(rows) == ["llm", "rstitch:0.02", "slm", "spec:4", "rstitch:0.05"]
     assert all(list(row) == list(SUMMARY_COLUMNS) for row in rows.values())
     llm, stitch = rows["llm"], rows["rstitch:0.02"]
     assert llm == pytest.approx({"policy": "llm", "n": 2, "accuracy": 0.5, "mean_latency_s": 3.0,
                                  "p50_latency_s": 3.0, "p90_latency_s": 3.8, "tok_s": 400 / 6,
-                                 "mean_tokens": 200.0, "llm_share": 1.0, "speedup_vs_llm": 1.0,
-                                 "est_latency_s": None, "est_speedup_vs_llm": None})
+                                 "mean_tokens": 200.0, "llm_share": 1.0, "latency_speedup_vs_llm": 1.0,
+                                 "est_latency_s": None, "est_latency_speedup_vs_llm": None})
     assert stitch["accuracy"] == 1.0
     assert stitch["llm_share"] == pytest.approx(0.2)  # (0.5*100 + 0.1*300) / 400, not the plain mean 0.3
     assert stitch["tok_s"] == pytest.approx(400 / 3)
-    assert stitch["speedup_vs_llm"] == pytest.approx(2.0)
-    assert rows["slm"]["speedup_vs_llm"] == pytest.approx(6.0)
-    assert all(row["speedup_vs_llm"] is None for row in summarize(RECORDS[2:]))
+    assert stitch["latency_speedup_vs_llm"] == pytest.approx(2.0)
+    assert rows["slm"]["latency_speedup_vs_llm"] == pytest.approx(6.0)
+    assert all(row["latency_speedup_vs_llm"] is None for row in summarize_policies(RECORDS[2:]))
 
 
-def test_summarize_estimated_latency():
+def test_summarize_policies_estimated_latency():
     records = [dict(r, est_latency_s=2.0 if r["policy"] == "llm" else 0.5) for r in RECORDS]
-    rows = {row["policy"]: row for row in summarize(records)}
-    assert rows["llm"]["est_latency_s"] == 2.0 and rows["slm"]["est_speedup_vs_llm"] == pytest.approx(4.0)
+    rows = {row["policy"]: row for row in summarize_policies(records)}
+    assert rows["llm"]["est_latency_s"] == 2.0 and rows["slm"]["est_latency_speedup_vs_llm"] == pytest.approx(4.0)
 
 
 def test_markdown_table():
-    rows = [{"policy": "llm", "accuracy": 0.83333, "tok_s": 12345.6, "speedup_vs_llm": None, "n": 3},
-            {"policy": "a|b", "accuracy": 1.0, "tok_s": 99.5, "speedup_vs_llm": 2.0, "n": 3}]
-    table = markdown_table(rows, ["policy", "n", "accuracy", "tok_s", "speedup_vs_llm"], title="Results")
+    rows = [{"policy": "llm", "accuracy": 0.83333, "tok_s": 12345.6, "latency_speedup_vs_llm": None, "n": 3},
+            {"policy": "a|b", "accuracy": 1.0, "tok_s": 99.5, "latency_speedup_vs_llm": 2.0, "n": 3}]
+    table = markdown_table(rows, ["policy", "n", "accuracy", "tok_s", "latency_speedup_vs_llm"], title="Results")
     assert table.splitlines() == [
         "### Results", "",
-        "| policy | n | accuracy | tok_s | speedup_vs_llm |",
+        "| policy | n | accuracy | tok_s | latency_speedup_vs_llm |",
         "|---|---:|---:|---:|---:|",
         "| llm | 3 | 0.8333 | 12346 | - |",
         "| a\\|b | 3 | 1 | 99.5 | 2 |",
@@ -195,7 +195,7 @@ def test_markdown_table():
 
 
 def test_write_results(tmp_path):
-    rows = summarize(RECORDS)
+    rows = summarize_policies(RECORDS)
     json_path, md_path = write_results(tmp_path / "out", "summary", rows, {"models": "tiny", "date": "today"})
     saved = json.loads(json_path.read_text())
     assert saved["rows"] == rows
@@ -207,7 +207,7 @@ def test_write_results(tmp_path):
 
 
 def test_pareto_plot(tmp_path):
-    path = pareto_plot(summarize(RECORDS), tmp_path / "plots" / "pareto.png")
+    path = pareto_plot(summarize_policies(RECORDS), tmp_path / "plots" / "pareto.png")
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
     with pytest.raises(ValueError, match="no summary rows"):
@@ -217,7 +217,7 @@ def test_pareto_plot(tmp_path):
 def test_pareto_plot_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match="pip install"):
-        pareto_plot(summarize(RECORDS), tmp_path / "pareto.png")
+        pareto_plot(summarize_policies(RECORDS), tmp_path / "pareto.png")
 
 
 def test_package_imports_without_matplotlib():
@@ -355,7 +355,7 @@ def test_run_eval_end_to_end(tokenizer, tmp_path):
 
     rows = {row["policy"]: row for row in json.loads((run / "summary.json").read_text())["rows"]}
     assert rows["llm"]["accuracy"] == 1.0 and rows["slm"]["accuracy"] == 0.0
-    assert rows["rstitch:0.02"]["speedup_vs_llm"] == pytest.approx(2.0)
+    assert rows["rstitch:0.02"]["latency_speedup_vs_llm"] == pytest.approx(2.0)
     assert 0.3 < rows["rstitch:0.02"]["llm_share"] < 0.4
     view = (run / "view-rstitch_0.02.html").read_text()
     answer = re.search(r'<div class="answer">(.*?)</div>', view, re.S).group(1)

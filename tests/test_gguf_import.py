@@ -69,7 +69,9 @@ def _add_tokenizer(writer, checkpoint: Path) -> None:
     spec = json.loads((checkpoint / "tokenizer.json").read_text())
     vocab = tokenizer.get_vocab()
     tokens = sorted(vocab, key=vocab.get)
-    specials = set(tokenizer.all_special_tokens)
+    # as convert_hf_to_gguf.py does: added tokens flagged special (transformers 5.24's all_special_tokens
+    # lists only the named ones: eos, pad)
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(tokens)

@@ -12,7 +12,7 @@ import torch
 from rstitch_engine import Engine, SamplingParams, policies
 from rstitch_engine.kernels.random import uniform_noise
 from rstitch_engine.router import (FEATURES, Grid, LatencyModel, Router, Task, Timing, calibrate, default_grid,
-                                   profile, run_rollouts, summarize, train_router)
+                                   profile, run_rollouts, summarize_rollouts, train_router)
 from rstitch_engine.router.device import ROUTER_STREAM
 from rstitch_engine.router.rollouts import decisions_that_mattered
 
@@ -137,7 +137,8 @@ def test_calibrate_tiny_pair_end_to_end(pair, tmp_path):
     assert loaded.meta["device"] and loaded.meta["torch"] == torch.__version__ and loaded.meta["chunk"] == chunk
     assert len(loaded.meta["timings"]) == len(timings)
     out = engine.generate([PROMPTS[1]], GREEDY, policies.RStitch(tau=TAU), use_tqdm=False)[0]
-    assert loaded.estimate(out.trace) > 0
+    estimate = loaded.estimate(out.trace)  # from a fit to wall-clock timings: a number, >= 0 by construction
+    assert math.isfinite(estimate) and estimate >= 0
     with pytest.raises(ValueError, match="extend sizes"):
         profile(engine, Grid(new_tokens=(1, 8)), progress=False)
     for device in ("cpu", "cuda"):
@@ -257,7 +258,7 @@ def test_decisions_that_mattered_are_the_ones_above_tau(engine):
                                    use_tqdm=False)
         d = rec.decisions()
         for out, seed in zip(outs, seeds):
-            rows = decisions_that_mattered(d, out, seed, TAU, TAU)
+            rows = decisions_that_mattered(d, out, seed)
             switched = d.switch[rows]
             # every switch the router made is one to the LLM; every kept decision is an SLM token with H > TAU
             assert int(switched.sum()) == out.stats["switches_to_llm"]
@@ -311,7 +312,7 @@ def greedy_eval(eng, task, problems, router) -> dict:
     idx = list(range(len(problems)))
     rollouts, _ = run_rollouts(eng, router, problems, idx, [10_000 + i for i in idx], tau=0.0, tau_down=1.0,
                                temperature=0.0, task=task, max_tokens=HORIZON, latency_model=TOY_LATENCY, lam=LAM)
-    return summarize(rollouts)
+    return summarize_rollouts(rollouts)
 
 
 TRAIN = dict(tau=0.0, tau_down=1.0, latency_model=TOY_LATENCY, prompts_per_batch=16, rollouts=8, lr=3e-3, lam=LAM,

@@ -1,6 +1,8 @@
 """R-Stitch in the engine against the reference of tests/reference.py (transformers models, full recompute):
 identical tokens and sources for several thresholds, batched and one at a time, with and without
 one-step-late results; the threshold extremes give exactly the single-model outputs."""
+import gc
+
 import pytest
 
 import reference
@@ -45,6 +47,21 @@ def test_batched_matches_reference(engines, hf_pair, tau, mode):
         assert len(o.entropies) == len(o.token_ids)
     assert {0, 1} <= set(sources), "this tau must let both models produce tokens"
     assert eng.num_free_blocks == free
+
+
+def test_teacher_forced_reference_is_the_reference(engines, hf_pair):
+    """reference.rstitch_along (one forward per model, used on the real pair) agrees with the prefix-by-prefix
+    reference where the output under test is right, and fails where it is not."""
+    eng, tau = engines["sync"], TAUS[1]
+    for p in PROMPTS[:3]:
+        tokens, src = expected(hf_pair, eng, p, tau)
+        along = reference.rstitch_along(lambda m: hf_pair[m], tokens, p, GREEDY.max_tokens, set(eng.eos_ids),
+                                        eng.vocab_limit, tau)
+        assert along == (tokens, src)
+    wrong = tokens[:5] + [(tokens[5] + 1) % eng.vocab_limit] + tokens[6:]
+    with pytest.raises(AssertionError, match="reference's output 5"):
+        reference.rstitch_along(lambda m: hf_pair[m], wrong, p, GREEDY.max_tokens, set(eng.eos_ids),
+                                eng.vocab_limit, tau)
 
 
 def test_one_at_a_time_equals_batched(engines):
@@ -144,6 +161,10 @@ def test_real_pair_matches_reference():
     prompt = eng.tokenizer.encode(text, add_special_tokens=False)
     params = SamplingParams(max_tokens=32, temperature=0.0)
     out = eng.generate([prompt], params, policies.RStitch(tau=0.02), use_tqdm=False)[0]
-    ref = reference.rstitch(hf_model(slm), hf_model(llm), prompt, 32, set(eng.eos_ids), eng.vocab_limit, 0.02)
+    eos_ids, vocab_limit = set(eng.eos_ids), eng.vocab_limit
+    del eng  # the fp32 reference models take as much memory again: never both at once
+    gc.collect()
+    ref = reference.rstitch_along(lambda m: hf_model((slm, llm)[m]), out.token_ids, prompt, 32, eos_ids,
+                                  vocab_limit, 0.02)
     assert (out.token_ids, out.sources) == ref
     assert 0 < sum(out.sources) < len(out.sources)

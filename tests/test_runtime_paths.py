@@ -28,7 +28,7 @@ def test_emulated_graphs_match_eager(pair, reference_outputs):
     eng = Engine(slm=pair[0], llm=pair[1], device="cpu", block_size=4, kv_cache_gb=0.01, cuda_graphs="emulate",
                  overlap=True)
     replays = []
-    for runner in eng.runners.values():
+    for runner in eng.runtime.runners.values():
         original = runner.graphs.replay
         runner.graphs.replay = lambda bucket, original=original: (replays.append(bucket), original(bucket))
     for p in POLICIES:

@@ -85,7 +85,7 @@ def test_sampled_speculative_decoding_follows_the_llm_distribution(tiny, tempera
     assert _chi_square_p(spec, joint) > 1e-3
     slm_only, _ = counts(policies.SLMOnly())
     assert _chi_square_p(slm_only, joint) < 1e-6, "the test must be able to tell the SLM's distribution apart"
-    assert eng.num_free_blocks == eng.scheduler_config.num_blocks
+    assert eng.num_free_blocks == eng.runtime.scheduler_config.num_blocks
 
 
 @pytest.mark.demo_pair

@@ -2,77 +2,65 @@
 loop until they finish, and returns outputs in input order."""
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import random
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from . import _C
 from .config import CheckpointError, ModelConfig
+from .engine_config import EngineConfig
 from .detokenize import IncrementalDecoder
 from .loader import load_weights
 from .outputs import RequestOutput
 from .random_models import random_config, random_weights
-from .policies import LLM, SLM, LLMOnly, Policy, RStitch, RStitchPlus, SLMOnly
+from .policies import LLMOnly, Policy, RStitch, RStitchPlus, SLMOnly
+from .protocol import LLM, SLM, Model
 from .sampling_params import SamplingParams
 from .tokenizer import check_same_vocabulary, load_tokenizer
 
-log = logging.getLogger("rstitch_engine")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-MODEL_NAMES = {SLM: "SLM", LLM: "LLM"}
 
 
 class Engine:
-    """`Engine(llm=dir)` for one model, `Engine(slm=small_dir, llm=large_dir)` for R-Stitch and friends.
-    A model is a checkpoint directory, a .gguf file, a hub id, "demo:slm"/"demo:llm", or "random:<shape>"
-    (random weights of a real model's shape, for benchmarks; see random_models.py).
+    """`Engine(llm=dir)` for one model, `Engine(slm=small_dir, llm=large_dir)` for R-Stitch and friends;
+    every option is a field of `EngineConfig` (engine_config.py), given as a keyword or as `config=`."""
 
-    kv_cache_gb: KV memory for both pools together (default: `gpu_memory_utilization` of the free device
-    memory on CUDA, 1 GB on the CPU). overlap: plan step t+1 before step t's results are read (default
-    on CUDA). kernels: "triton" or "torch" (default: Triton on CUDA, the torch references on the CPU).
-    cuda_graphs: capture decode steps as CUDA graphs (default on CUDA; "emulate" runs the same padded
-    static-shape steps without capturing, for tests on the CPU). llm_min_batch / llm_max_wait: park rows
-    that need the LLM until that many are ready or one has waited that many steps (R2R-style; 1: off).
-    """
+    def __init__(self, llm: str | Path | None = None, slm: str | Path | None = None, *,
+                 config: EngineConfig | None = None, **options):
+        from rstitch_engine.engine.runtime import Runtime
 
-    def __init__(self, llm: str | Path | None = None, slm: str | Path | None = None, *, device=None,
-                 dtype: str | torch.dtype | None = None, kv_cache_gb: float | None = None,
-                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, max_logits_rows: int | None = None, block_size: int = 16,
-                 overlap: bool | None = None, optimistic_llm: bool = True, llm_min_batch: int = 1,
-                 llm_max_wait: int = 4, kernels: str | None = None, cuda_graphs: bool | str | None = None,
-                 seed: int = 0, progress: bool = False):
         from .model_source import resolve_model
 
-        if llm is None and slm is None:
-            raise ValueError("Engine needs llm=..., slm=..., or both")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = _resolve_dtype(dtype, self.device)
+        if config is not None and (options or llm is not None or slm is not None):
+            raise ValueError("give either config=EngineConfig(...) or keyword options, not both")
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(EngineConfig)})
+        if unknown:
+            raise TypeError(f"Engine: unknown option(s) {', '.join(unknown)}; see EngineConfig")
+        self.config = config = config or EngineConfig(llm=llm, slm=slm, **options)
+        self.device, self.dtype = config.torch_device, config.torch_dtype
         self.paths: dict[int, Path | None] = {}  # None: random weights of a named shape (benchmarks)
         self.configs: dict[int, ModelConfig] = {}
-        for m, src in ((SLM, slm), (LLM, llm)):
+        for m, src in ((SLM, config.slm), (LLM, config.llm)):
             if isinstance(src, str) and src.startswith("random:"):
                 self.paths[m], self.configs[m] = None, random_config(src)
             elif src is not None:
-                self.paths[m] = resolve_model(src, progress=progress)
+                self.paths[m] = resolve_model(src, progress=config.progress)
                 self.configs[m] = ModelConfig.from_dir(self.paths[m])
         self.tokenizer = self._tokenizer()
         self.vocab_limit = self._vocab_limit()
         self.eos_ids = self._eos_ids()
-        self.max_model_len = self._max_model_len(max_model_len)
-        self.weights = {m: load_weights(p, self.configs[m], self.dtype, self.device) if p is not None
-                        else random_weights(self.configs[m], self.dtype, self.device, seed=seed + m)
-                        for m, p in self.paths.items()}
-        self._build_runtime(kv_cache_gb, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
-                            max_logits_rows, block_size, overlap, optimistic_llm, (llm_min_batch, llm_max_wait),
-                            kernels, cuda_graphs)
-        self._rng = random.Random(seed)
+        weights = {m: load_weights(p, self.configs[m], self.dtype, self.device) if p is not None
+                   else random_weights(self.configs[m], self.dtype, self.device, seed=config.seed + m)
+                   for m, p in self.paths.items()}
+        self.runtime = Runtime(config, self.configs, weights, vocab_limit=self.vocab_limit,
+                               max_model_len=self._max_model_len(config.max_model_len))
+        self.max_model_len = self.runtime.max_model_len
+        self.sched, self.loop = self.runtime.sched, self.runtime.loop
+        self._rng = random.Random(config.seed)
         self._next_id = 0
         self.default_policy: Policy = RStitch() if len(self.paths) == 2 else (
             LLMOnly() if LLM in self.paths else SLMOnly())
@@ -89,7 +77,7 @@ class Engine:
         limit = len(self.tokenizer) if self.tokenizer is not None else min(widths.values())
         for m, w in widths.items():
             if w < limit:
-                raise CheckpointError(f"{self.paths[m]}: the {MODEL_NAMES[m]}'s logits have {w} columns, fewer "
+                raise CheckpointError(f"{self.paths[m]}: the {Model(m).name}'s logits have {w} columns, fewer "
                                       f"than the tokenizer's {limit} tokens")
         return limit
 
@@ -110,64 +98,6 @@ class Engine:
         if requested is not None and requested > limit:
             raise ValueError(f"max_model_len={requested} exceeds the models' context of {limit} positions")
         return requested or limit
-
-    def _build_runtime(self, kv_cache_gb, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
-                       max_logits_rows, block_size, overlap, optimistic_llm, parking, kernels, cuda_graphs):
-        from rstitch_engine.engine.kv_pool import KVPool, num_blocks_for_budget
-        from rstitch_engine.engine.model_runner import DeviceTables, ModelRunner
-        from rstitch_engine.engine.ops import Ops
-        from rstitch_engine.engine.step_loop import StepLoop
-
-        configs = list(self.configs.values())
-        if kv_cache_gb is not None:
-            budget = int(kv_cache_gb * 2**30)
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * gpu_memory_utilization) - 2 * 2**30  # room for activations and graphs
-        else:
-            budget = 2**30
-        num_blocks = num_blocks_for_budget(budget, block_size, configs, self.dtype)
-        needed = -(-max_num_seqs * self.max_model_len // block_size)
-        num_blocks = min(num_blocks, needed)
-        if num_blocks < 1:
-            raise ValueError(f"kv cache budget of {budget / 2**30:.2f} GB holds no block of {block_size} tokens")
-        if num_blocks * block_size < self.max_model_len:
-            log.warning("KV pool holds %d tokens: max_model_len lowered from %d", num_blocks * block_size,
-                        self.max_model_len)
-            self.max_model_len = num_blocks * block_size
-        sc = _C.SchedulerConfig()
-        sc.num_blocks, sc.block_size, sc.max_num_seqs = num_blocks, block_size, max_num_seqs
-        sc.max_model_len, sc.max_step_tokens = self.max_model_len, max_num_batched_tokens
-        sc.max_logits_rows = max_logits_rows or min(max_num_batched_tokens, 4 * max_num_seqs)
-        sc.has_model = (SLM in self.paths, LLM in self.paths)
-        sc.vocab_size = self.vocab_limit
-        overlap = self.device.type == "cuda" if overlap is None else overlap
-        sc.max_inflight = 2 if overlap else 1
-        sc.optimistic_llm = optimistic_llm
-        sc.watermark_blocks = max(1, num_blocks // 100)
-        sc.llm_min_batch, sc.llm_max_wait = parking
-        self.sched = _C.Scheduler(sc)
-        self.scheduler_config = sc
-        self.kv_pools = {m: KVPool(self.configs[m], num_blocks, block_size, self.dtype, self.device)
-                         for m in self.paths}
-        use_triton = kernels == "triton" or (kernels is None and self.device.type == "cuda")
-        if kernels not in (None, "triton", "torch"):
-            raise ValueError(f"kernels must be 'triton' or 'torch', got {kernels!r}")
-        self.ops = Ops(triton=use_triton)
-        self.tables = DeviceTables(max_num_seqs, self.sched.max_blocks_per_seq, self.max_model_len, self.device)
-        runners = {m: ModelRunner(m, self.configs[m], self.weights[m], self.kv_pools[m], self.ops, self.tables,
-                                  self.sched, self.vocab_limit, self.max_model_len, self.device)
-                   for m in self.paths}
-        self.runners = runners
-        graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if graphs:
-            from rstitch_engine.engine.cuda_graphs import DecodeGraphs
-
-            emulate = graphs == "emulate" or self.device.type != "cuda"
-            pool = None if emulate else torch.cuda.graph_pool_handle()
-            for runner in runners.values():
-                runner.graphs = DecodeGraphs(runner, self.sched.max_rows, pool, emulate)
-        self.loop = StepLoop(self.sched, runners, self.tables, self.device, sc.max_inflight)
 
     # ---- requests -----------------------------------------------------------------------------------
     @property
@@ -202,7 +132,7 @@ class Engine:
     def _check_policy(self, policy) -> None:
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a rstitch_engine.policies.Policy, got {type(policy).__name__}")
-        missing = [MODEL_NAMES[m] for m in sorted(policy.models) if m not in self.paths]
+        missing = [Model(m).name for m in sorted(policy.models) if m not in self.paths]
         if missing:
             raise ValueError(f"policy {policy.name!r} needs the {' and the '.join(missing)}, which this engine "
                              f"did not load (Engine(slm=..., llm=...))")
@@ -221,7 +151,7 @@ class Engine:
         if router.hidden_size != self.configs[SLM].hidden_size:
             raise ValueError(f"the router reads hidden states of size {router.hidden_size}, the SLM's are "
                              f"{self.configs[SLM].hidden_size}")
-        self.runners[SLM].router = router.to(self.device).on_device(p.temperature)
+        self.runtime.runners[SLM].router = router.to(self.device).on_device(p.temperature)
 
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  policy: Policy | Sequence[Policy] | None = None, use_tqdm: bool = True,
@@ -295,6 +225,7 @@ class Engine:
         out.finish_reason, out.error = r["finish_reason"], r["error"] or None
         out.stats = dict(r["stats"], latency_s=elapsed)
         out.trace = [tuple(t) for t in r["trace"]]
+        out.routed = r["routed"]
         if self.tokenizer is not None:
             out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=params.skip_special_tokens)
             if decoder is not None:
@@ -317,16 +248,6 @@ def _per_request(value, n: int, what: str, kind):
     if len(values) != n or not all(isinstance(v, kind) for v in values):
         raise ValueError(f"{what} must be one {kind.__name__} or a list of {n}")
     return values
-
-
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def _hits_stop(decoder: IncrementalDecoder, new_tokens: list[int], stops: tuple[str, ...]) -> bool:

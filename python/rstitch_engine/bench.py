@@ -2,8 +2,9 @@
 
 Per policy: latency per request (mean, p50, p90), throughput (all tokens / wall time), decode speed of a
 request (tokens after its first / time after its first), the LLM's share of tokens, switches per 1k
-tokens, draft acceptance (speculative), and the speed-up over LLM-only. Forced policies get one seed per
-request, so batched rows switch independently.
+tokens, draft acceptance (speculative), and the throughput over LLM-only's (`tok_s_vs_llm`, a tok/s ratio;
+`rstitch eval`'s `latency_speedup_vs_llm` is a latency ratio). Forced policies get one seed per request, so
+batched rows switch independently.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .policies import Forced, LLMOnly, Policy
 from .sampling_params import SamplingParams
 
 COLUMNS = ["policy", "batch", "requests", "tokens", "tok_s", "decode_tok_s", "mean_latency_s", "p50_latency_s",
-           "p90_latency_s", "llm_share", "switches_per_1k", "acceptance", "stale_rows", "speedup_vs_llm"]
+           "p90_latency_s", "llm_share", "switches_per_1k", "acceptance", "stale_rows", "tok_s_vs_llm"]
 
 
 def _sync(engine) -> None:
@@ -70,14 +71,15 @@ def time_policy(engine, prompts: list[list[int]], params: SamplingParams, policy
 
 
 def run_bench(engine, prompts: list[list[int]], policies: list[Policy], params: SamplingParams) -> list[dict]:
-    """Times each policy (LLM-only first when the LLM is loaded, as the baseline) and adds the speed-up."""
+    """Times each policy (LLM-only first when the LLM is loaded, as the baseline) and adds `tok_s_vs_llm`,
+    its throughput over LLM-only's (None without the LLM)."""
     order = list(policies)
     if 1 in engine.paths and not any(isinstance(p, LLMOnly) for p in order):
         order.insert(0, LLMOnly())
     rows = [time_policy(engine, prompts, params, p) for p in order]
     base = next((r for r in rows if r["policy"] == "llm"), None)
     for r in rows:
-        r["speedup_vs_llm"] = r["tok_s"] / base["tok_s"] if base else None
+        r["tok_s_vs_llm"] = r["tok_s"] / base["tok_s"] if base else None
     return rows
 
 

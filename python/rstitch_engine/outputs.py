@@ -17,3 +17,4 @@ class RequestOutput:
     stats: dict = field(default_factory=dict)
     error: str | None = None
     trace: list[tuple[int, int, int]] = field(default_factory=list)  # (model, new tokens, cached tokens) per forward
+    routed: list[int] = field(default_factory=list)  # output indices the R-Stitch+ router decided (scheduler)

@@ -1,7 +1,8 @@
 """Decoding policies: parameters of the scheduler's one state machine, not separate loops.
 
-SLM-only is "never switch", LLM-only "start on the LLM and never hand back", R-Stitch the entropy rule of
-method.md, Forced a fixed routing pattern (benchmarks), SpecDecode a draft/verify cycle.
+SLM-only is "never switch", LLM-only "start on the LLM and never hand back", R-Stitch the entropy rule
+(docs/method.md, 'The R-Stitch rule' and 'Hand-back rule'), Forced a fixed routing pattern for benchmarks
+('Forced routing'), SpecDecode a draft/verify cycle ('Speculative decoding (baseline)').
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SLM, LLM = 0, 1
+from .protocol import LLM, SLM
+
 INF = math.inf
 
 

@@ -1,5 +1,5 @@
 """Random-weight models with the shapes of real ones, made on the device (no checkpoint on disk), for
-benchmarks: `Engine(slm="random:1.5b", llm="random:7b")`. Shapes from ../shared/reference/peers.md."""
+benchmarks: `Engine(slm="random:1.5b", llm="random:7b")`. Shapes: docs/benchmarks.md, 'Random-weight shapes'."""
 from __future__ import annotations
 
 import torch
@@ -56,7 +56,7 @@ def random_weights(cfg: ModelConfig, dtype: torch.dtype, device, seed: int = 0) 
 
 def streamed_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Weight bytes one decode step streams: every layer and the output head once; of the embedding
-    only the rows looked up (negligible). 3.09 GB for the 1.5B shape in bf16, as in peers.md."""
+    only the rows looked up (negligible). 3.09 GB for the 1.5B shape in bf16 (docs/benchmarks.md, 'Roofline')."""
     H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     per_layer = (cfg.q_size + 2 * cfg.kv_size) * (H + cfg.qkv_bias) + H * cfg.q_size + 3 * H * I + 2 * H
     return (L * per_layer + cfg.vocab_size * H + H) * dtype.itemsize

@@ -18,8 +18,25 @@ def load_tokenizer(path: str | Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # transformers raises many types; name the directory and the cause
+    except Exception as e:  # transformers raises many types; name the file and the cause
+        config_problem = _config_problem(path)
+        if config_problem is not None:  # transformers reads config.json too: blame the file at fault
+            raise CheckpointError(f"{path / 'config.json'}: transformers rejects it, so the tokenizer cannot be "
+                                  f"loaded ({config_problem})") from e
         raise CheckpointError(f"{path}: the tokenizer files could not be loaded ({type(e).__name__}: {e})") from e
+
+
+def _config_problem(path: Path) -> str | None:
+    """Why transformers cannot read the checkpoint's config.json, or None when it can (or there is none)."""
+    if not (path / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(path))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def check_same_vocabulary(slm_tok, llm_tok, slm_path, llm_path) -> None:

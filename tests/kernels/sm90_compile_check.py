@@ -73,8 +73,9 @@ def run_launchers():
         rows = torch.zeros(n_rows)
         ints = torch.zeros(n_rows, dtype=torch.int32)
         for is_llm, table in [(0, None), (1, torch.zeros(8, 64, dtype=torch.int32))]:
-            K.stitch_step(logits, 151936, rows, rows, ints.long(), ints, rows, rows, is_llm,
-                          token_table=table, out_slot=ints, out_pos=ints, num_splits=splits)
+            K.stitch_step(logits, 151936, temperature=rows, cutoff=rows, seed=ints.long(), sample_pos=ints,
+                          tau_up=rows, tau_down=rows, is_llm=is_llm, token_table=table, out_slot=ints,
+                          out_pos=ints, num_splits=splits)
     for hq, hkv in [(28, 4), (12, 2)]:
         k_cache = torch.zeros(64, 16, hkv, 128, dtype=bf16)
         tables = torch.zeros(32, 64, dtype=torch.int32)

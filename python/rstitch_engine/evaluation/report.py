@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 
 SUMMARY_COLUMNS = ("policy", "n", "accuracy", "mean_latency_s", "p50_latency_s", "p90_latency_s", "tok_s",
-                   "mean_tokens", "llm_share", "est_latency_s", "speedup_vs_llm", "est_speedup_vs_llm")
+                   "mean_tokens", "llm_share", "est_latency_s", "latency_speedup_vs_llm",
+                   "est_latency_speedup_vs_llm")
 
 
-def summarize(records: list[dict]) -> list[dict]:
+def summarize_policies(records: list[dict]) -> list[dict]:
     """One row per policy (in order of first appearance) from per-(policy, problem) records.
 
     `tok_s` is total tokens over total latency and `llm_share` is weighted by tokens, so long answers count
-    for what they cost; `speedup_vs_llm` is the `llm` policy's mean latency over this one's (None without an
-    `llm` policy). With `est_latency_s` in the records (estimated batch-1 latency), `est_latency_s` is its
-    mean and `est_speedup_vs_llm` the same ratio on it."""
+    for what they cost; `latency_speedup_vs_llm` is the `llm` policy's mean latency over this one's (None
+    without an `llm` policy). With `est_latency_s` in the records (estimated batch-1 latency), `est_latency_s`
+    is its mean and `est_latency_speedup_vs_llm` the same ratio on it."""
     by_policy: dict[str, list[dict]] = {}
     for record in records:
         by_policy.setdefault(record["policy"], []).append(record)
@@ -45,8 +46,8 @@ def summarize(records: list[dict]) -> list[dict]:
         })
     llm = next((row for row in rows if row["policy"] == "llm"), None)
     for row in rows:
-        row["speedup_vs_llm"] = _ratio(llm, row, "mean_latency_s")
-        row["est_speedup_vs_llm"] = _ratio(llm, row, "est_latency_s")
+        row["latency_speedup_vs_llm"] = _ratio(llm, row, "mean_latency_s")
+        row["est_latency_speedup_vs_llm"] = _ratio(llm, row, "est_latency_s")
     return rows
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .answers import answers_equal, build_messages, extract_answer
-from .report import pareto_plot, summarize, write_results
+from .report import pareto_plot, summarize_policies, write_results
 from .view import render_html, token_pieces
 
 def _file_name(policy: str) -> str:
@@ -94,7 +94,7 @@ def run_eval(engine, problems: list[dict], policies: list[tuple[str, object]], p
                                                           engine.tokenizer, name, record, out))
                 records_file.flush()  # finished policies survive a crash in a later one
                 bar.update(len(batch))
-    summary = summarize(records)
+    summary = summarize_policies(records)
     files["summary_json"], files["summary_md"] = write_results(out_dir, "summary", summary, meta or {})
     try:
         files["pareto"] = pareto_plot(summary, out_dir / "pareto.png")

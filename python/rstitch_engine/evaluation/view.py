@@ -6,8 +6,8 @@ import math
 from itertools import groupby
 
 from ..detokenize import IncrementalDecoder
+from ..protocol import LLM, SLM
 
-SLM, LLM = 0, 1
 _LLM_ANSI = "\x1b[1;30;43m"  # bold black on yellow
 _RESET = "\x1b[0m"
 _LLM_COLOR = "#f5a623"
@@ -28,19 +28,22 @@ def token_pieces(tokenizer, token_ids, sources, entropies, *, skip_special_token
     return [(text, int(source), float(entropy)) for text, source, entropy in zip(texts, sources, entropies)]
 
 
+def highlight_llm(text: str, *, color: bool) -> str:
+    """LLM-produced text as a terminal shows it: ANSI bold black on yellow, closed before each newline so the
+    background does not run to the edge, or between [[ ]] without colour. The one home of the highlight,
+    for whole answers (`render_terminal`) and for streamed tokens (the CLI's demo)."""
+    if not color:
+        return f"[[{text}]]"
+    return _LLM_ANSI + text.replace("\n", f"{_RESET}\n{_LLM_ANSI}") + _RESET
+
+
 def render_terminal(pieces, *, color: bool) -> str:
-    """The answer as text with the LLM's runs highlighted (ANSI bold on yellow), or between [[ ]] without
-    colour."""
+    """The answer as text with the LLM's runs highlighted (`highlight_llm`)."""
     out = []
     # Empty pieces (bytes of an unfinished character) are dropped so they do not split a run.
     for source, run in groupby((piece for piece in pieces if piece[0]), key=lambda piece: piece[1]):
         text = "".join(piece[0] for piece in run)
-        if source != LLM:
-            out.append(text)
-        elif color:  # close the highlight before each newline so the background does not run to the edge
-            out.append(_LLM_ANSI + text.replace("\n", f"{_RESET}\n{_LLM_ANSI}") + _RESET)
-        else:
-            out.append(f"[[{text}]]")
+        out.append(highlight_llm(text, color=color) if source == LLM else text)
     return "".join(out)
 
 

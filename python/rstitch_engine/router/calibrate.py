@@ -118,12 +118,12 @@ def timed_forwards(engine) -> Iterator[list[Forward]]:
 
         return wrapper
 
-    for runner in engine.runners.values():
+    for runner in engine.runtime.runners.values():
         runner.run = timed(runner)
     try:
         yield forwards
     finally:
-        for runner in engine.runners.values():
+        for runner in engine.runtime.runners.values():
             del runner.run  # back to the class's method
 
 
@@ -154,7 +154,7 @@ def _extend_timing(engine, model: int, n: int, n_kv: int, grid: Grid, prompt) ->
 
 def _decode_timing(engine, model: int, n_kv: int, batch: int, grid: Grid, prompt) -> Timing:
     """`batch` requests decoding together; the steps where all of them decode one token are timed."""
-    chunk = engine.scheduler_config.max_step_tokens
+    chunk = engine.runtime.scheduler_config.max_step_tokens
     params = SamplingParams(max_tokens=_decode_tokens(grid, n_kv, batch, chunk), temperature=0.0, ignore_eos=True)
     with timed_forwards(engine) as forwards:
         engine.generate([prompt(n_kv) for _ in range(batch)], params, POLICIES[model], use_tqdm=False)
@@ -165,12 +165,12 @@ def _decode_timing(engine, model: int, n_kv: int, batch: int, grid: Grid, prompt
 
 def profile(engine, grid: Grid | None = None, *, seed: int = 0, progress: bool = True) -> list[Timing]:
     """Timings of every grid point for every model the engine loaded (see the module docstring)."""
-    chunk = engine.scheduler_config.max_step_tokens
+    chunk = engine.runtime.scheduler_config.max_step_tokens
     grid = grid or default_grid(engine.device)[0]
     grid.check(chunk)
-    if max(grid.batch_sizes) > engine.scheduler_config.max_num_seqs:
+    if max(grid.batch_sizes) > engine.runtime.scheduler_config.max_num_seqs:
         raise ValueError(f"batch size {max(grid.batch_sizes)} exceeds the engine's max_num_seqs "
-                         f"{engine.scheduler_config.max_num_seqs}")
+                         f"{engine.runtime.scheduler_config.max_num_seqs}")
     if grid.max_context(chunk) > engine.max_model_len:
         raise ValueError(f"the grid needs {grid.max_context(chunk)} positions; the engine holds "
                          f"{engine.max_model_len}")
@@ -182,8 +182,8 @@ def profile(engine, grid: Grid | None = None, *, seed: int = 0, progress: bool =
     points = [(k * chunk, n, None) for k in grid.kv_chunks for n in grid.new_tokens] + \
              [(n_kv, 1, b) for b in grid.batch_sizes for n_kv in grid.decode_kv]
     timings = []
-    with tqdm(total=len(engine.runners) * len(points), desc="calibrate", unit="point", disable=not progress) as bar:
-        for model in sorted(engine.runners):
+    with tqdm(total=len(engine.runtime.runners) * len(points), desc="calibrate", unit="point", disable=not progress) as bar:
+        for model in sorted(engine.runtime.runners):
             for n_kv, n, batch in points:
                 timings.append(_extend_timing(engine, model, n, n_kv, grid, prompt) if batch is None else
                                _decode_timing(engine, model, n_kv, batch, grid, prompt))
@@ -214,6 +214,6 @@ def calibrate(engine, grid: Grid | None = None, *, holdout: float = 0.2, seed: i
     timings = profile(engine, grid, seed=seed, progress=progress)
     info = {**environment(engine.device), "models": {name: str(engine.paths[m]) for m, name in
                                                      ((SLM, "slm"), (LLM, "llm")) if m in engine.paths},
-            "dtype": str(engine.dtype).removeprefix("torch."), "chunk": engine.scheduler_config.max_step_tokens,
+            "dtype": str(engine.dtype).removeprefix("torch."), "chunk": engine.runtime.scheduler_config.max_step_tokens,
             "grid": asdict(grid), "timings": [asdict(t) for t in timings], **(meta or {})}
     return LatencyModel.fit(timings, holdout=holdout, seed=seed, meta=info)

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import _engine_args
+from ..cli_args import engine_args, make_engine
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -24,7 +24,6 @@ def _ints(text: str) -> tuple[int, ...]:
 def cmd_calibrate(args) -> None:
     import torch
 
-    from .. import Engine
     from .calibrate import calibrate, default_grid
 
     if not (args.slm or args.llm):
@@ -37,9 +36,8 @@ def cmd_calibrate(args) -> None:
                                    ("warmup", args.warmup), ("repeats", args.repeats)) if v is not None}
     grid = dataclasses.replace(grid, **overrides)
     grid.check(chunk)
-    engine = Engine(slm=args.slm, llm=args.llm, device=device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
-                    max_num_batched_tokens=chunk, max_num_seqs=max(grid.batch_sizes),
-                    max_model_len=args.max_model_len or grid.max_context(chunk), progress=True)
+    engine = make_engine(args, device=device, max_num_batched_tokens=chunk, max_num_seqs=max(grid.batch_sizes),
+                         max_model_len=args.max_model_len or grid.max_context(chunk))
     model = calibrate(engine, grid, holdout=args.holdout, seed=args.seed, progress=not args.no_progress)
     model.save(args.out)
     for group, q in model.meta["fit"].items():
@@ -60,18 +58,22 @@ def _calibrate_parser(sub) -> None:
                                    "grid needs; on the CPU give the one of the runs to estimate, as attention "
                                    "costs grow with it there.")
     p.add_argument("--out", required=True, help="latency model JSON to write")
-    p.add_argument("--chunk", type=int, help="step token budget: extends run over multiples of it (default: 64 on "
-                                             "the CPU, 512 on CUDA)")
-    p.add_argument("--new-tokens", type=_ints, help="extend sizes N_inf, e.g. 2,16,64 (each <= chunk)")
-    p.add_argument("--kv-chunks", type=_ints, help="extend contexts as multiples of the chunk, e.g. 0,1,2")
-    p.add_argument("--decode-kv", type=_ints, help="decode contexts, e.g. 32,128,256")
-    p.add_argument("--batch-sizes", type=_ints, help="decode batch sizes, e.g. 1,4 (must include 1)")
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--repeats", type=int)
+    p.add_argument("--chunk", type=int, help="step token budget: extends run over multiples of it (default: 128 "
+                                             "on the CPU, 512 on CUDA)")
+    p.add_argument("--new-tokens", type=_ints, metavar="N,N,...",
+                   help="extend sizes N_inf, each <= chunk (default: 2,16,64,128 on the CPU, 2,8,32,128,512 on CUDA)")
+    p.add_argument("--kv-chunks", type=_ints, metavar="K,K,...",
+                   help="extend contexts as multiples of the chunk (default: 0,1,2 on the CPU, 0,1,2,4,8 on CUDA)")
+    p.add_argument("--decode-kv", type=_ints, metavar="N,N,...",
+                   help="decode contexts (default: 32,128,256 on the CPU, 64,512,1024,2048,4096,8192 on CUDA)")
+    p.add_argument("--batch-sizes", type=_ints, metavar="B,B,...",
+                   help="decode batch sizes, must include 1 (default: 1,4 on the CPU, 1,8,32 on CUDA)")
+    p.add_argument("--warmup", type=int, help="untimed runs per grid point (default: 1 on the CPU, 2 on CUDA)")
+    p.add_argument("--repeats", type=int, help="timed runs per grid point (default: 3 on the CPU, 5 on CUDA)")
     p.add_argument("--holdout", type=float, default=0.2, help="share of grid points held out to report the fit")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    _engine_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split and the profiled tokens")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    engine_args(p)
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -80,7 +82,6 @@ def _calibrate_parser(sub) -> None:
 def cmd_train_router(args) -> None:
     import torch
 
-    from .. import Engine
     from ..evaluation import load_problems, synthetic_problems
     from ..evaluation.report import markdown_table, write_results
     from ..policies import RStitch, RStitchPlus
@@ -93,9 +94,8 @@ def cmd_train_router(args) -> None:
         sys.exit("error: give --problems FILE or --synthetic N")
     problems = load_problems(args.problems) if args.problems else synthetic_problems(args.synthetic, args.problem_seed)
     latency = LatencyModel.load(args.latency)
-    engine = Engine(slm=args.slm or "demo:slm", llm=args.llm or "demo:llm", device=args.device, dtype=args.dtype,
-                    kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.prompts_per_batch * args.rollouts,
-                    max_model_len=args.max_model_len, progress=True)
+    engine = make_engine(args, slm=args.slm or "demo:slm", llm=args.llm or "demo:llm",
+                         max_num_seqs=args.prompts_per_batch * args.rollouts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     initial_path = out / "router-init.safetensors"
@@ -152,29 +152,29 @@ def _train_router_parser(sub) -> None:
     p.add_argument("--latency", required=True, help="latency model JSON from `rstitch calibrate`")
     p.add_argument("--tau", type=float, required=True, help="entropy threshold above which the router decides")
     p.add_argument("--tau-down", type=float, help="LLM -> SLM hand-back threshold (default: tau)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--prompts-per-batch", type=int, default=32)
-    p.add_argument("--rollouts", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=100, help="training steps (one batch of problems each)")
+    p.add_argument("--prompts-per-batch", type=int, default=32, help="problems per step")
+    p.add_argument("--rollouts", type=int, default=8, help="rollouts per problem (the group of the advantages)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the router")
     p.add_argument("--lam", type=float, default=5e-6, help="latency weight per ms in the reward")
     p.add_argument("--temperature", type=float, default=1.0, help="router sampling temperature while training")
-    p.add_argument("--epochs-per-batch", type=int, default=4)
+    p.add_argument("--epochs-per-batch", type=int, default=4, help="optimiser passes over each step's rollouts")
     p.add_argument("--max-refills", type=int, default=2, help="dynamic sampling: extra draws to refill a batch")
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per rollout")
     p.add_argument("--width", type=int, default=128, help="router hidden width")
     p.add_argument("--init-switch-prob", type=float, default=0.9, help="the untrained router's P(switch)")
     p.add_argument("--problems", help="JSONL of {\"question\", \"answer\"}")
     p.add_argument("--synthetic", type=int, metavar="N", help="N built-in arithmetic word problems")
-    p.add_argument("--problem-seed", type=int, default=0)
+    p.add_argument("--problem-seed", type=int, default=0, help="seed of the synthetic problems")
     p.add_argument("--eval", type=int, metavar="N", help="afterwards, evaluate on N held-out synthetic problems")
     p.add_argument("--eval-seed", type=int, default=1000, help="seed of the held-out problems")
     p.add_argument("--eval-batch-size", type=int, default=1, help="1: measured latency per sample")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the router's initial weights and of training")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=10, help="steps between resumable checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints")
-    p.add_argument("--no-progress", action="store_true")
-    _engine_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    engine_args(p, demo_pair=True)
     p.set_defaults(func=cmd_train_router)
 
 

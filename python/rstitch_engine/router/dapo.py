@@ -1,4 +1,5 @@
-"""`rstitch train-router`: DAPO for the R-Stitch+ router, with both language models frozen (method.md section 2).
+"""`rstitch train-router`: DAPO for the R-Stitch+ router, with both language models frozen (docs/method.md,
+'R-Stitch+: DAPO training').
 
 One step: for each of `prompts_per_batch` problems, `rollouts` rollouts with the router sampling its
 decisions at `temperature`; reward r_acc * (1 - lam * L_hat_ms) with L_hat from the latency model over the
@@ -26,13 +27,13 @@ from tqdm.auto import tqdm
 
 from ..policies import SLM
 from .model import Router
-from .rollouts import Rollout, Task, run_rollouts, summarize, word_problems
+from .rollouts import Rollout, Task, run_rollouts, summarize_rollouts, word_problems
 
 CHECKPOINT = "checkpoint.pt"
 CURVES = ("reward", "accuracy", "llm_share", "latency_ms", "groups_kept")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # 15 fields of few types: a swapped pair must not pass
 class DapoConfig:
     """What a checkpoint must agree on to be resumed (the step count may grow)."""
     tau: float
@@ -240,8 +241,10 @@ def train_router(engine, problems: list[dict], *, tau: float, steps: int, latenc
     problems ({"question", "answer"}). `router` continues training a given router; otherwise one is made
     (width, init_switch_prob; seeded). With `checkpoint_dir`, a checkpoint every `checkpoint_every` steps and
     at the end; `resume=True` continues from it. `log_path`: JSONL of the history; `plot_path`: its curves."""
-    cfg = DapoConfig(tau, tau_down, prompts_per_batch, rollouts, lr, lam, temperature, clip_low, clip_high,
-                     epochs_per_batch, max_tokens, max_refills, max_grad_norm, lm_temperature, seed)
+    cfg = DapoConfig(tau=tau, tau_down=tau_down, prompts_per_batch=prompts_per_batch, rollouts=rollouts, lr=lr,
+                     lam=lam, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
+                     epochs_per_batch=epochs_per_batch, max_tokens=max_tokens, max_refills=max_refills,
+                     max_grad_norm=max_grad_norm, lm_temperature=lm_temperature, seed=seed)
     cfg.check()
     if steps < 0 or checkpoint_every < 1:
         raise ValueError("need steps >= 0 and checkpoint_every >= 1")
@@ -256,7 +259,8 @@ def train_router(engine, problems: list[dict], *, tau: float, steps: int, latenc
     try:
         while run.step < steps:
             batch, everything, kept, drawn = run.collect(latency_model)
-            record = {"step": run.step + 1, **summarize(everything), "groups_kept": kept, "groups_drawn": drawn,
+            record = {"step": run.step + 1, **summarize_rollouts(everything), "groups_kept": kept,
+                      "groups_drawn": drawn,
                       "trained_decisions": 0 if batch is None else int(batch.switch.numel())}
             if batch is not None:
                 record["switch_share"] = float(batch.switch.float().mean())

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from rstitch_engine.kernels.random import uniform_noise
+from rstitch_engine.protocol import Stream
 
 # Counter-based random streams (kernels/random.py): 0 sampling, 1 and 2 speculative verification, 3 the router.
-ROUTER_STREAM = 3
+ROUTER_STREAM = int(Stream.ROUTER)
 
 
 class DeviceRouter:

@@ -1,10 +1,13 @@
-"""The latency estimator of R-Stitch+ rewards (method.md section 2): per model, a linear model of one forward's
-time, fitted by least squares to timings profiled on the target device (router/calibrate.py).
+"""The latency estimator of R-Stitch+ rewards (docs/method.md, 'R-Stitch+: latency estimator'): per model, a
+linear model of one forward's time, fitted by non-negative least squares to timings profiled on the target
+device (router/calibrate.py).
 
     extend of N_inf > 1 new tokens over N_kv cached ones:  T = a*N_inf + b*N_kv + c*N_inf*N_kv + d
     decode step (N_inf = 1) over N_kv cached tokens:       T = c'*N_kv + d'
 
-in milliseconds. A trajectory's estimate is the sum over its forwards (`RequestOutput.trace`, both models).
+in milliseconds. The coefficients are times, so they are fitted non-negative (an unconstrained fit on a few
+noisy points can go negative and price forwards below zero). A trajectory's estimate is the sum over its
+forwards (`RequestOutput.trace`, both models).
 Decode coefficients are fitted per profiled batch size, but `estimate` always uses batch 1, the paper's
 per-sample setting: a trajectory is priced as if it ran alone, whatever batch it was generated in, so a
 reward does not depend on which other rollouts shared its steps.
@@ -17,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-MODEL_NAMES = {0: "slm", 1: "llm"}
+from ..protocol import Model
+
+MODEL_NAMES = {m: m.name.lower() for m in Model}  # the JSON keys
 FORMAT = 1
 
 
@@ -39,9 +44,45 @@ def _design(kind: str, n_inf: np.ndarray, n_kv: np.ndarray) -> np.ndarray:
     return np.stack([n_kv, one], axis=1)
 
 
-def _lstsq(x: np.ndarray, ms: np.ndarray) -> np.ndarray:
-    # Rows scaled by 1/T: the fit minimises relative error, so a 10 ms decode counts as much as a 2 s prefill.
-    return np.linalg.lstsq(x / ms[:, None], np.ones_like(ms), rcond=None)[0]
+def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarray:
+    """argmin ||a @ x - b||_2 subject to x >= 0: the active-set algorithm NNLS of C. L. Lawson and R. J. Hanson,
+    "Solving Least Squares Problems" (Prentice-Hall, 1974), chapter 23. Variables move into the passive
+    (free) set one at a time, the one whose gradient most lowers the residual first; an unconstrained solve
+    on the passive set that turns some of them non-positive is cut back along the segment to the largest
+    feasible step, and those reaching zero go back to the active set. Ends when no active variable can
+    lower the residual (the KKT conditions hold) or after `max_iter` (3n) additions; x >= 0 throughout."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    n = a.shape[1]
+    tol = 10 * np.finfo(float).eps * max(a.shape) * max(np.abs(a).sum(axis=0).max(initial=0.0), 1.0)
+    x, passive = np.zeros(n), np.zeros(n, dtype=bool)
+    for _ in range(3 * n if max_iter is None else max_iter):
+        w = a.T @ (b - a @ x)  # minus half the gradient of the squared residual
+        if passive.all() or w[~passive].max() <= tol:
+            break
+        passive[np.argmax(np.where(passive, -np.inf, w))] = True
+        while passive.any():
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if np.all(z[passive] > 0):
+                x = z
+                break
+            cut = np.flatnonzero(passive & (z <= 0))  # x >= 0 >= z there: steps to 0 lie in [0, 1)
+            steps = x[cut] / np.maximum(x[cut] - z[cut], np.finfo(float).tiny)
+            x = x + steps.min() * (z - x)
+            x[cut[np.argmin(steps)]] = 0.0  # exactly, whatever the rounding: each pass frees one variable
+            passive &= x > tol
+            x[~passive] = 0.0
+    return x
+
+
+def _relative_nnls(x: np.ndarray, ms: np.ndarray) -> np.ndarray:
+    """Non-negative coefficients of `x @ coef ~ ms`. Rows are scaled by 1/T: the fit minimises relative error,
+    so a 10 ms decode counts as much as a 2 s prefill. Columns are scaled to unit norm for the solver (a
+    positive scaling, so non-negativity is unchanged): N_inf*N_kv runs to millions where the constant is 1."""
+    a = x / ms[:, None]
+    norm = np.linalg.norm(a, axis=0)
+    norm[norm == 0] = 1.0
+    return nnls(a / norm, np.ones_like(ms)) / norm
 
 
 def _quality(x: np.ndarray, ms: np.ndarray, coef: np.ndarray) -> dict:
@@ -63,12 +104,12 @@ def _fit_group(kind: str, points: list[Timing], holdout: float, rng: np.random.G
     if len(ms) < n_coef:
         raise ValueError(f"latency fit: {len(ms)} {kind} points cannot determine {n_coef} coefficients")
     n_out = min(int(round(holdout * len(ms))), len(ms) - n_coef - 1)
-    quality: dict = {"points": len(ms), "fit": _quality(x, ms, _lstsq(x, ms))}
+    quality: dict = {"points": len(ms), "fit": _quality(x, ms, _relative_nnls(x, ms))}
     if n_out >= 1:
         out = rng.permutation(len(ms))[:n_out]
         keep = np.setdiff1d(np.arange(len(ms)), out)
-        quality["holdout"] = {"points": n_out, **_quality(x[out], ms[out], _lstsq(x[keep], ms[keep]))}
-    return _lstsq(x, ms), quality
+        quality["holdout"] = {"points": n_out, **_quality(x[out], ms[out], _relative_nnls(x[keep], ms[keep]))}
+    return _relative_nnls(x, ms), quality
 
 
 class LatencyModel:
@@ -89,8 +130,9 @@ class LatencyModel:
     @classmethod
     def fit(cls, samples: list[Timing], *, holdout: float = 0.2, seed: int = 0,
             meta: dict | None = None) -> "LatencyModel":
-        """Least squares per model (and per batch size for decodes). `meta["fit"]` reports, per group, R^2 and
-        the max relative error on the fitted points and on `holdout` of them left out of a second fit."""
+        """Non-negative least squares per model (and per batch size for decodes). `meta["fit"]` reports, per
+        group, R^2 and the max relative error on the fitted points and on `holdout` of them left out of a
+        second fit."""
         if not 0 <= holdout < 1:
             raise ValueError(f"holdout must be in [0, 1), got {holdout!r}")
         groups: dict[tuple, list[Timing]] = {}

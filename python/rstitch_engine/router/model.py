@@ -1,5 +1,5 @@
-"""The R-Stitch+ router (method.md section 2): a small MLP giving the log-odds of switching to the LLM at a
-position where the SLM's entropy exceeds tau.
+"""The R-Stitch+ router (docs/method.md, 'R-Stitch+: router'): a small MLP giving the log-odds of switching to
+the LLM at a position where the SLM's entropy exceeds tau.
 
 Inputs: the SLM's final-normed hidden state of the decided position, RMS-normalised again (so one learning rate
 suits checkpoints whose final norms scale differently), and the four context features the scheduler writes

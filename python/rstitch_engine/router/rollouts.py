@@ -2,22 +2,22 @@
 mattered in it.
 
 A recorded decision is joined to its request by the request's seed (every rollout gets its own) and to an
-output index by its position. It mattered where the SLM decided that position and its entropy exceeded tau:
-either the SLM's token was kept with H > tau (the router said keep), or it was discarded and the LLM produced
-the position (only the router's switch does that). Elsewhere the entropy rule decided alone. A position
-decided twice (a re-run after preemption) counts once, with its last decision.
+output index by its position. It mattered where the scheduler says the router decided that position (the
+SLM's entropy exceeded tau: its token was kept, or discarded for the LLM's); elsewhere the entropy rule
+decided alone. A position decided twice (a step made stale, then re-run) counts once, with its last
+decision.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..evaluation.answers import answers_equal, build_messages, extract_answer
 from ..outputs import RequestOutput
-from ..policies import LLM, SLM, RStitchPlus
+from ..policies import RStitchPlus
+from ..protocol import LLM
 from ..sampling_params import SamplingParams
 from .device import Decisions
 
@@ -59,29 +59,23 @@ class Rollout:
     # ^ rows of the call's recorded Decisions that mattered, in output order (R-Stitch+ rollouts)
 
 
-def decisions_that_mattered(decisions: Decisions, out: RequestOutput, seed: int, tau: float,
-                            tau_down: float) -> torch.Tensor:
-    """Rows of `decisions` (int64) that decided a position of `out` where the SLM's H > tau (module docstring).
-    Thresholds compare in float32, as the stitch step does."""
-    tau32, down32 = np.float32(tau), np.float32(tau_down)
-    entropy = np.asarray(out.entropies, dtype=np.float32)
-    sources, n_prompt = out.sources, len(out.prompt_token_ids)
+def decisions_that_mattered(decisions: Decisions, out: RequestOutput, seed: int) -> torch.Tensor:
+    """Rows of `decisions` (int64) behind the positions of `out` the router decided (`out.routed`, reported
+    by the scheduler, which owns the switching rules), in output order."""
+    n_prompt = len(out.prompt_token_ids)
     last: dict[int, int] = {}
     for row in torch.nonzero(decisions.seed == seed).flatten().tolist():
         last[int(decisions.sample_pos[row]) - n_prompt] = row
     rows = []
-    for i, row in sorted(last.items()):
-        if not 0 <= i < len(sources):
-            continue
-        slm_decides = i == 0 or sources[i - 1] == SLM or entropy[i - 1] <= down32  # LLM hands back at H <= tau_down
-        if not slm_decides:
-            continue  # dispatched ahead of a switch, then made stale
+    for i in out.routed:
+        if i not in last:
+            raise RuntimeError(f"no recorded router decision for output {i} of seed {seed}")
+        row = last[i]
         switched = bool(decisions.switch[row])
-        if sources[i] == LLM or entropy[i] > tau32:
-            if switched != (sources[i] == LLM):
-                raise RuntimeError(f"router decision at output {i} of seed {seed} disagrees with the output "
-                                   f"(switch={switched}, source={sources[i]}, H={entropy[i]})")
-            rows.append(row)
+        if i < len(out.sources) and switched != (out.sources[i] == LLM):
+            raise RuntimeError(f"router decision at output {i} of seed {seed} disagrees with the output "
+                               f"(switch={switched}, source={out.sources[i]})")
+        rows.append(row)
     return torch.tensor(rows, dtype=torch.int64)
 
 
@@ -112,11 +106,11 @@ def run_rollouts(engine, router, problems: list[dict], indices: list[int], seeds
         rollouts = score(engine, problems, indices, seeds, policy, **score_kw)
     decisions = recorder.decisions()
     for r in rollouts:
-        r.decisions = decisions_that_mattered(decisions, r.output, r.seed, tau, down)
+        r.decisions = decisions_that_mattered(decisions, r.output, r.seed)
     return rollouts, decisions
 
 
-def summarize(rollouts: list[Rollout]) -> dict:
+def summarize_rollouts(rollouts: list[Rollout]) -> dict:
     """Mean reward, accuracy, token-weighted LLM share, mean estimated (ms) and measured (s) latency."""
     tokens = sum(len(r.output.token_ids) for r in rollouts)
     llm = sum(r.output.stats["llm_tokens"] for r in rollouts)
@@ -146,5 +140,5 @@ def evaluate(engine, problems: list[dict], policies: dict, *, task: Task, max_to
                 rollouts += score(engine, problems, indices, indices, policy, task=task, max_tokens=max_tokens,
                                   latency_model=latency_model, lam=lam)
                 bar.update(len(indices))
-            rows.append({"policy": name, **summarize(rollouts)})
+            rows.append({"policy": name, **summarize_rollouts(rollouts)})
     return rows

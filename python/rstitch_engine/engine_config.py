@@ -1,0 +1,165 @@
+"""`EngineConfig`: every option of an `Engine`, its default, its validation, and its resolution against the
+device (defaults that depend on CUDA being there) and the models (the context length, the KV pool size).
+
+The runtime (`rstitch_engine.engine.runtime`) is built from a resolved config only; `Engine(**options)` and
+`Engine(config=EngineConfig(...))` are the same thing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+KERNELS = ("triton", "torch")
+INT32_MAX = 2**31 - 1  # the C++ scheduler's integers
+CUDA_RESERVE_BYTES = 2 * 2**30  # left free beside the KV pools on CUDA: activations and graph pools
+CPU_KV_BUDGET_BYTES = 2**30  # the KV budget on the CPU when kv_cache_gb is not given
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """llm / slm: a checkpoint directory, a .gguf file, a hub id, "demo:slm" / "demo:llm", or "random:<shape>".
+
+    kv_cache_gb: KV memory for both pools together (default: `gpu_memory_utilization` of the free device
+    memory on CUDA, 1 GB on the CPU). max_model_len: context limit (default: the models' own, lowered to what
+    the KV budget holds for one request). max_num_batched_tokens: new tokens per model per step (longer
+    prompts are chunked). overlap: plan step t+1 before step t's results are read (default on CUDA).
+    kernels: "triton" or "torch" (default: Triton on CUDA, the torch references on the CPU). cuda_graphs:
+    capture decode steps (default on CUDA; "emulate" runs the same padded static-shape steps without
+    capturing, for tests on the CPU). llm_min_batch / llm_max_wait: park rows that need the LLM until that
+    many are ready or one has waited that many steps (R2R-style; 1: off).
+    """
+    llm: str | Path | None = None
+    slm: str | Path | None = None
+    device: str | torch.device | None = None
+    dtype: str | torch.dtype | None = None
+    kv_cache_gb: float | None = None
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_logits_rows: int | None = None
+    block_size: int = 16
+    overlap: bool | None = None
+    optimistic_llm: bool = True
+    llm_min_batch: int = 1
+    llm_max_wait: int = 4
+    kernels: str | None = None
+    cuda_graphs: bool | str | None = None
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self):
+        if self.llm is None and self.slm is None:
+            raise ValueError("Engine needs llm=..., slm=..., or both")
+        for name in ("llm", "slm"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, Path)):
+                raise TypeError(f"{name} must be a path or a model name, got {type(value).__name__}")
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        _check_int("block_size", self.block_size, 1)
+        _check_int("llm_min_batch", self.llm_min_batch, 1)
+        _check_int("llm_max_wait", self.llm_max_wait, 0)
+        _check_int("seed", self.seed, 0, 2**64 - 1)
+        for name in ("max_model_len", "max_logits_rows"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        if self.kv_cache_gb is not None:
+            _check_number("kv_cache_gb", self.kv_cache_gb, lambda v: v > 0, "a positive number of GB")
+        _check_number("gpu_memory_utilization", self.gpu_memory_utilization, lambda v: 0 < v <= 1,
+                      "in (0, 1]")
+        if self.kernels not in (None, *KERNELS):
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.cuda_graphs not in (None, True, False, "emulate"):
+            raise ValueError(f"cuda_graphs must be True, False or 'emulate', got {self.cuda_graphs!r}")
+        for name in ("overlap", "optimistic_llm", "progress"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPES)}")
+        if self.dtype is not None and isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPES.values():
+            raise ValueError(f"dtype {self.dtype} is not supported; use one of {sorted(DTYPES)}")
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- resolution against the machine --------------------------------------------------------------
+    @property
+    def torch_device(self) -> torch.device:
+        try:
+            device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as e:
+            raise ValueError(f"device {self.device!r}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: this torch build has no CUDA device "
+                             f"(torch {torch.__version__}); use device='cpu'")
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"device {self.device!r}: only 'cuda' and 'cpu' are supported")
+        return device
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is None:
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return self.dtype if isinstance(self.dtype, torch.dtype) else DTYPES[self.dtype]
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.torch_device.type == "cuda"
+
+    @property
+    def use_overlap(self) -> bool:
+        return self.on_cuda if self.overlap is None else self.overlap
+
+    @property
+    def use_triton(self) -> bool:
+        return self.kernels == "triton" or (self.kernels is None and self.on_cuda)
+
+    @property
+    def graph_mode(self) -> str | None:
+        """None (eager), "capture" or "emulate"."""
+        graphs = self.on_cuda if self.cuda_graphs is None else self.cuda_graphs
+        if not graphs:
+            return None
+        return "emulate" if graphs == "emulate" or not self.on_cuda else "capture"
+
+    def kv_budget_bytes(self) -> int:
+        if self.kv_cache_gb is not None:
+            return int(self.kv_cache_gb * 2**30)
+        if self.on_cuda:
+            free, _ = torch.cuda.mem_get_info(self.torch_device)
+            return int(free * self.gpu_memory_utilization) - CUDA_RESERVE_BYTES
+        return CPU_KV_BUDGET_BYTES
+
+    def scheduler_config(self, C, *, num_blocks: int, max_model_len: int, vocab_size: int,
+                         has_model: tuple[bool, bool]):
+        """The C++ scheduler's config (`C` is the `_C` extension module)."""
+        sc = C.SchedulerConfig()
+        sc.num_blocks, sc.block_size, sc.max_num_seqs = num_blocks, self.block_size, self.max_num_seqs
+        sc.max_model_len, sc.max_step_tokens = max_model_len, self.max_num_batched_tokens
+        sc.max_logits_rows = self.max_logits_rows or min(self.max_num_batched_tokens, 4 * self.max_num_seqs)
+        sc.has_model = has_model
+        sc.vocab_size = vocab_size
+        sc.max_inflight = 2 if self.use_overlap else 1
+        sc.optimistic_llm = self.optimistic_llm
+        sc.watermark_blocks = max(1, num_blocks // 100)
+        sc.llm_min_batch, sc.llm_max_wait = self.llm_min_batch, self.llm_max_wait
+        return sc
+
+
+def _check_int(name: str, value, low: int, high: int = INT32_MAX) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def _check_number(name: str, value, ok, what: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
