@@ -64,9 +64,9 @@ def loop_us(engine, batch: int, steps: int = 256) -> float:
 
 def main() -> None:
     from rstitch_engine import Engine
-    from rstitch_engine.engine.cuda_graphs import DecodeGraphs
+    from rstitch_engine.engine.cuda_graphs import StepGraphs
 
-    DecodeGraphs.replay = lambda self, bucket: None  # the device work of a decode step, removed
+    StepGraphs.replay = lambda self, key: None  # the device work of a step, removed
     engine = Engine(slm="random:tiny", llm="random:tiny", device="cpu", dtype="float32", cuda_graphs="emulate",
                     overlap=True, max_num_seqs=256, progress=False)
     rows = [{**measure(b), "loop_us": loop_us(engine, b)} for b in (1, 8, 32, 128, 256)]

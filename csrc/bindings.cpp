@@ -129,6 +129,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("tau_up", &RequestSpec::tau_up)
       .def_readwrite("tau_down", &RequestSpec::tau_down)
       .def_readwrite("handover_after", &RequestSpec::handover_after)
+      .def_readwrite("min_llm_run", &RequestSpec::min_llm_run)
       .def_readwrite("forced", &RequestSpec::forced)
       .def_readwrite("use_router", &RequestSpec::use_router)
       .def_readwrite("spec_k", &RequestSpec::spec_k)

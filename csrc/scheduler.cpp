@@ -54,6 +54,7 @@ std::string Scheduler::add(const RequestSpec& spec) {
                            spec.handover_after > 0 || !spec.forced.empty();
   if (may_use_llm && !cfg_.has_model[kLLM]) return "this policy needs the LLM, which is not loaded";
   if (may_use_slm && !cfg_.has_model[kSLM]) return "this policy needs the SLM, which is not loaded";
+  if (spec.min_llm_run < 0) return "min_llm_run must be >= 0";
   if (spec.spec_k < 0 || spec.spec_k + 1 > cfg_.max_logits_rows)
     return "spec k must be in [0, max_logits_rows - 1]";
   if (spec.accept_rate > 1.f) return "accept_rate must be at most 1";
@@ -268,6 +269,7 @@ float Scheduler::tau_down(const Request& r, int32_t out_index) const {
   if (!f.empty())
     return out_index + 1 < static_cast<int32_t>(f.size()) && f[out_index + 1] == kLLM ? -kInf : kInf;
   if (r.spec.handover_after > 0) return r.vllm_run + 1 >= r.spec.handover_after ? kInf : -kInf;
+  if (r.vllm_run + 1 < r.spec.min_llm_run) return -kInf;  // a minimum run: no hand-back before it
   return r.spec.tau_down;
 }
 

@@ -69,6 +69,7 @@ struct RequestSpec {
   float tau_up = kInf;             // SLM: H > tau_up discards and switches to the LLM
   float tau_down = -kInf;          // LLM: H <= tau_down hands back to the SLM
   int32_t handover_after = 0;      // > 0: the LLM hands back after exactly this many tokens
+  int32_t min_llm_run = 0;         // > 1: the LLM keeps control for at least this many tokens
   std::vector<uint8_t> forced;     // forced[i]: model that produces output token i (overrides entropy)
   bool use_router = false;         // R-Stitch+: the router decides SLM rows with H > tau_up
   int32_t spec_k = 0;              // > 0: speculative decoding, SLM drafts k, LLM verifies k + 1

@@ -70,16 +70,16 @@ class ModelRunner:
         self.scale = cfg.head_dim ** -0.5
         self.num_slots = tables.tokens.shape[0] - 1
         self.router = None  # R-Stitch+: decides SLM rows with H > tau
-        self.graphs = None  # DecodeGraphs, once captured
+        self.graphs = None  # StepGraphs, once captured
 
     def run(self, host: HostPlan, draft_logits: torch.Tensor | None = None) -> int:
         """Executes the planned sub-batch; returns its number of logits rows (outputs [:n] are valid)."""
         T, R, L = host.count("num_tokens"), host.count("num_rows"), host.count("num_logits")
-        bucket = self.graphs.bucket(host) if self.graphs is not None else None
-        if bucket is not None:
-            host.pad_decode(R, bucket, self.num_slots)
+        key = self.graphs.key(host) if self.graphs is not None else None
+        if key is not None:
+            host.pad(R, *key, self.num_slots)
             self.plan.load(host)
-            self.graphs.replay(bucket)
+            self.graphs.replay(key)
         else:
             self.plan.load(host)
             self.compute(T, R, L, host.count("max_query_len"), StepFlags.of(host), draft_logits,

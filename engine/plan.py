@@ -36,20 +36,34 @@ class HostPlan:
     def count(self, name: str) -> int:
         return int(self.header[_C.HEADER[name]])
 
-    def pad_decode(self, rows: int, bucket: int, sink_slot: int) -> None:
-        """Turns rows [rows, bucket) into harmless decode rows for a graph captured at `bucket`: no KV
-        write (slot -1), empty context, outputs sent to the sink sequence slot."""
-        if rows == bucket:
+    def pad(self, rows: int, bucket: int, span: int, sink_slot: int) -> None:
+        """Rewrites a plan of `rows` rows that each decide one token (a decode: 1 new token; a catch-up
+        extend: up to `span`) into the static shape of a graph captured at (`bucket` rows, `span` tokens per
+        row): row r owns tokens [r * span, (r + 1) * span), its real tokens last, so that the attention,
+        which places a row's new tokens just before its seq_len, sees them where they are. Padding tokens
+        and rows [rows, bucket) write no KV (slot -1), have an empty context and send their outputs to the
+        sink sequence slot."""
+        v = self.views
+        starts = v.query_start_loc[:rows + 1].astype(np.int64)
+        n_new = np.diff(starts)
+        num_tokens = int(starts[-1])
+        if rows == bucket and num_tokens == rows * span:
             return
-        v, pad = self.views, slice(rows, bucket)
-        for name, value in (("input_ids", 0), ("token_index", -1), ("positions", 0), ("slot_mapping", -1),
-                            ("seq_lens", 0), ("seq_slot", sink_slot), ("out_slot", sink_slot), ("out_pos", -1),
+        offset = np.arange(num_tokens) - np.repeat(starts[:-1], n_new)
+        dest = np.repeat(np.arange(rows) * span + span - n_new, n_new) + offset
+        for name, value in (("input_ids", 0), ("token_index", -1), ("positions", 0), ("slot_mapping", -1)):
+            field = getattr(v, name)
+            real = field[:num_tokens].copy()
+            field[:bucket * span] = value
+            field[dest] = real
+        v.query_start_loc[:bucket + 1] = np.arange(bucket + 1, dtype=np.int32) * span
+        v.logits_indices[:bucket] = np.arange(bucket, dtype=np.int32) * span + span - 1
+        pad = slice(rows, bucket)
+        for name, value in (("seq_lens", 0), ("seq_slot", sink_slot), ("out_slot", sink_slot), ("out_pos", -1),
                             ("sample_pos", 0), ("seed", 0), ("top_k", 0), ("spec_index", -1),
                             ("verify_start", -1), ("use_router", 0), ("temperature", 0.0), ("top_p", 1.0),
                             ("tau_up", 0.0), ("tau_down", 0.0)):
             getattr(v, name)[pad] = value
-        v.logits_indices[pad] = np.arange(rows, bucket, dtype=np.int32)
-        v.query_start_loc[rows + 1:bucket + 1] = np.arange(rows + 1, bucket + 1, dtype=np.int32)
 
 
 class DevicePlan:

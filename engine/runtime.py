@@ -37,11 +37,12 @@ class Runtime:
                                        self.sched, vocab_limit, self.max_model_len, device) for m in models}
         mode = config.graph_mode
         if mode is not None:
-            from .cuda_graphs import DecodeGraphs
+            from .cuda_graphs import StepGraphs
 
             pool = torch.cuda.graph_pool_handle() if mode == "capture" else None
             for runner in self.runners.values():
-                runner.graphs = DecodeGraphs(runner, self.sched.max_rows, pool, emulate=mode == "emulate")
+                runner.graphs = StepGraphs(runner, self.sched.max_rows, self.scheduler_config.max_step_tokens, pool,
+                                           emulate=mode == "emulate")
         self.loop = StepLoop(self.sched, self.runners, self.tables, device, self.scheduler_config.max_inflight)
 
 

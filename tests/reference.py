@@ -18,7 +18,7 @@ def next_distribution(model, seq: list[int], vocab_limit: int) -> tuple[int, flo
 
 
 def stitch(next_token, prompt, max_tokens, eos_ids, *, tau_up, tau_down=None, start=0, handover_after=None,
-           forced=None):
+           min_llm_run=None, forced=None):
     """The rules of docs/method.md ('The R-Stitch rule', 'Hand-back rule', 'Forced routing') by full
     recomputation. `next_token(model, seq) -> (token, entropy)` is the model (0 SLM, 1 LLM); `forced[i]`
     (optional) names the model of output i instead of the entropy. Returns (tokens, sources)."""
@@ -41,7 +41,7 @@ def stitch(next_token, prompt, max_tokens, eos_ids, *, tau_up, tau_down=None, st
             elif handover_after:
                 back = run >= handover_after
             else:
-                back = h <= tau_down
+                back = h <= tau_down and run >= (min_llm_run or 0)
             if back:
                 active, run = 0, 0
         if token in eos_ids:
@@ -49,11 +49,12 @@ def stitch(next_token, prompt, max_tokens, eos_ids, *, tau_up, tau_down=None, st
     return out, src
 
 
-def rstitch(slm, llm, prompt, max_tokens, eos_ids, vocab_limit, tau, tau_down=None, handover_after=None):
+def rstitch(slm, llm, prompt, max_tokens, eos_ids, vocab_limit, tau, tau_down=None, handover_after=None,
+            min_llm_run=None):
     """R-Stitch on two transformers models: returns (tokens, sources)."""
     models = (slm, llm)
     return stitch(lambda m, seq: next_distribution(models[m], seq, vocab_limit), prompt, max_tokens, eos_ids,
-                  tau_up=tau, tau_down=tau_down, handover_after=handover_after)
+                  tau_up=tau, tau_down=tau_down, handover_after=handover_after, min_llm_run=min_llm_run)
 
 
 def teacher_forced(model, seq: list[int], vocab_limit: int) -> list[tuple[int, float]]:

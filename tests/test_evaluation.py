@@ -143,14 +143,16 @@ def test_load_problems_names_the_bad_line(tmp_path, content, message):
 
 # --- report ----------------------------------------------------------------------------------------------
 
-def _rec(policy, correct, tokens, llm_share, latency_s):
+def _rec(policy, correct, tokens, llm_share, latency_s, switches=0, runs=None):
     return {"policy": policy, "question": "q", "gold": "1", "answer": "1" if correct else "2", "correct": correct,
-            "tokens": tokens, "llm_share": llm_share, "latency_s": latency_s, "tok_s": tokens / latency_s}
+            "tokens": tokens, "llm_share": llm_share, "latency_s": latency_s, "tok_s": tokens / latency_s,
+            "switches": switches, "runs": runs or {}}
 
 
 RECORDS = [
     _rec("llm", True, 100, 1.0, 2.0), _rec("llm", False, 300, 1.0, 4.0),
-    _rec("rstitch:0.02", True, 100, 0.5, 1.0), _rec("rstitch:0.02", True, 300, 0.1, 2.0),
+    _rec("rstitch:0.02", True, 100, 0.5, 1.0, 4, {"llm": [20, 30], "slm": [50]}),
+    _rec("rstitch:0.02", True, 300, 0.1, 2.0, 2, {"llm": [30], "slm": [100, 170]}),
     _rec("slm", False, 200, 0.0, 0.5), _rec("slm", False, 200, 0.0, 0.5),
     _rec("spec:4", True, 100, 1.0, 1.0), _rec("spec:4", False, 300, 1.0, 2.0),
     _rec("rstitch:0.05", True, 200, 0.2, 1.0), _rec("rstitch:0.05", False, 200, 0.2, 1.0),
@@ -164,9 +166,12 @@ def test_summarize_policies():
     llm, stitch = rows["llm"], rows["rstitch:0.02"]
     assert llm == pytest.approx({"policy": "llm", "n": 2, "accuracy": 0.5, "mean_latency_s": 3.0,
                                  "p50_latency_s": 3.0, "p90_latency_s": 3.8, "tok_s": 400 / 6,
-                                 "mean_tokens": 200.0, "llm_share": 1.0, "latency_speedup_vs_llm": 1.0,
+                                 "mean_tokens": 200.0, "llm_share": 1.0, "switches_per_1k": 0.0,
+                                 "mean_llm_run": None, "mean_slm_run": None, "latency_speedup_vs_llm": 1.0,
                                  "est_latency_s": None, "est_latency_speedup_vs_llm": None})
     assert stitch["accuracy"] == 1.0
+    assert stitch["switches_per_1k"] == pytest.approx(1000 * 6 / 400)
+    assert (stitch["mean_llm_run"], stitch["mean_slm_run"]) == pytest.approx((80 / 3, 320 / 3))
     assert stitch["llm_share"] == pytest.approx(0.2)  # (0.5*100 + 0.1*300) / 400, not the plain mean 0.3
     assert stitch["tok_s"] == pytest.approx(400 / 3)
     assert stitch["latency_speedup_vs_llm"] == pytest.approx(2.0)

@@ -78,9 +78,14 @@ def test_one_at_a_time_equals_batched(engines):
 def test_separate_hand_back_threshold_and_handover(engines, hf_pair):
     eng = engines["overlap"]
     for policy, kw in [(policies.RStitch(tau=0.75, tau_down=0.6), dict(tau_down=0.6)),
-                       (policies.RStitch(tau=0.75, handover_after=1), dict(handover_after=1))]:
+                       (policies.RStitch(tau=0.75, handover_after=1), dict(handover_after=1)),
+                       (policies.RStitch(tau=0.75, min_llm_run=3), dict(min_llm_run=3)),
+                       (policies.parse_policy("rstitch:0.75:down0.6:min2"), dict(tau_down=0.6, min_llm_run=2))]:
         for p, o in zip(PROMPTS, eng.generate(PROMPTS, GREEDY, policy, use_tqdm=False)):
             assert (o.token_ids, o.sources) == expected(hf_pair, eng, p, 0.75, **kw)
+    plain = eng.generate(PROMPTS, GREEDY, policies.RStitch(tau=0.75), use_tqdm=False)
+    longer = eng.generate(PROMPTS, GREEDY, policies.RStitch(tau=0.75, min_llm_run=3), use_tqdm=False)
+    assert [o.sources for o in plain] != [o.sources for o in longer], "the minimum run must matter here"
 
 
 @pytest.mark.parametrize("mode", ["sync", "overlap"])

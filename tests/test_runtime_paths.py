@@ -30,10 +30,13 @@ def test_emulated_graphs_match_eager(pair, reference_outputs):
     replays = []
     for runner in eng.runtime.runners.values():
         original = runner.graphs.replay
-        runner.graphs.replay = lambda bucket, original=original: (replays.append(bucket), original(bucket))
+        runner.graphs.replay = lambda key, original=original: (replays.append(key), original(key))
     for p in POLICIES:
         _same(eng.generate(PROMPTS, GREEDY, p, use_tqdm=False), reference_outputs[p.name])
-    assert replays and set(replays) <= {1, 2}, "decode steps must go through the padded graph path"
+    rows = {key[0] for key in replays}
+    spans = {key[1] for key in replays}
+    assert rows <= {1, 2} and 1 in spans, "decode steps must go through the padded graph path"
+    assert spans & {2, 4, 8, 16}, "catch-up extends must go through the padded extend graphs"
 
 
 @pytest.mark.slow
@@ -72,3 +75,25 @@ def test_steady_state_loop_never_syncs(pair):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert all(len(o.token_ids) == 64 for o in outs)
+
+
+def test_extend_padding_places_each_rows_tokens_last(pair):
+    """HostPlan.pad: two rows deciding one token each (3 new tokens, then 1) into the (4 rows, span 4)
+    shape: each row's tokens end its segment, logits read each segment's last token, the rest writes nothing."""
+    from rstitch_engine.engine.plan import HostPlan
+
+    eng = Engine(slm=pair[0], llm=pair[1], device="cpu", block_size=4, kv_cache_gb=0.01)
+    host = HostPlan(eng.sched, pin=False)
+    v = host.views
+    v.query_start_loc[:3] = [0, 3, 4]
+    v.input_ids[:4], v.positions[:4], v.slot_mapping[:4] = [11, 12, 13, 21], [5, 6, 7, 9], [50, 51, 52, 60]
+    v.token_index[:4] = [-1, -1, 700, 800]
+    v.logits_indices[:2], v.seq_lens[:2], v.seq_slot[:2] = [2, 3], [8, 10], [0, 1]
+    host.pad(2, 4, 4, sink_slot=63)
+    assert v.input_ids[:16].tolist() == [0, 11, 12, 13, 0, 0, 0, 21] + [0] * 8
+    assert v.positions[:8].tolist() == [0, 5, 6, 7, 0, 0, 0, 9]
+    assert v.slot_mapping[:16].tolist() == [-1, 50, 51, 52, -1, -1, -1, 60] + [-1] * 8
+    assert v.token_index[:8].tolist() == [-1, -1, -1, 700, -1, -1, -1, 800]
+    assert v.query_start_loc[:5].tolist() == [0, 4, 8, 12, 16]
+    assert v.logits_indices[:4].tolist() == [3, 7, 11, 15]
+    assert v.seq_lens[:4].tolist() == [8, 10, 0, 0] and v.seq_slot[:4].tolist() == [0, 1, 63, 63]

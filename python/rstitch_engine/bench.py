@@ -11,14 +11,18 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
 from .policies import Forced, LLMOnly, Policy
+from .router.calibrate import timed_forwards
+from .switching import switching_stats
 from .sampling_params import SamplingParams
 
 COLUMNS = ["policy", "batch", "requests", "tokens", "tok_s", "decode_tok_s", "mean_latency_s", "p50_latency_s",
-           "p90_latency_s", "llm_share", "switches_per_1k", "acceptance", "stale_rows", "tok_s_vs_llm"]
+           "p90_latency_s", "llm_share", "switches_per_1k", "mean_llm_run", "mean_slm_run", "acceptance",
+           "stale_rows", "tok_s_vs_llm"]
 
 
 def _sync(engine) -> None:
@@ -50,9 +54,14 @@ def time_policy(engine, prompts: list[list[int]], params: SamplingParams, policy
 
     _sync(engine)
     start = time.perf_counter()
-    outs = engine.generate(prompts, params, _per_request(policy, len(prompts)), use_tqdm=False, on_tokens=stamp)
+    # Per-forward wall times need no device sync on the CPU; on CUDA they would serialise the loop.
+    timing = timed_forwards(engine) if engine.device.type == "cpu" else nullcontext(None)
+    with timing as forwards:
+        outs = engine.generate(prompts, params, _per_request(policy, len(prompts)), use_tqdm=False,
+                               on_tokens=stamp)
     _sync(engine)
     wall = time.perf_counter() - start
+    switching = switching_stats(outs, forwards)
     tokens = sum(len(o.token_ids) for o in outs)
     latencies = [o.stats["latency_s"] for o in outs]
     total = lambda key: sum(o.stats[key] for o in outs)  # noqa: E731
@@ -63,7 +72,8 @@ def time_policy(engine, prompts: list[list[int]], params: SamplingParams, policy
         "tok_s": tokens / wall, "decode_tok_s": statistics.mean(decode) if decode else None,
         "mean_latency_s": statistics.mean(latencies), "p50_latency_s": _quantile(latencies, 0.5),
         "p90_latency_s": _quantile(latencies, 0.9), "llm_share": total("llm_tokens") / max(tokens, 1),
-        "switches_per_1k": 1000 * (total("switches_to_llm") + total("switches_to_slm")) / max(tokens, 1),
+        "switches_per_1k": switching["switches_per_1k"], "mean_llm_run": switching["llm_runs"]["mean"],
+        "mean_slm_run": switching["slm_runs"]["mean"], "switching": switching,
         "acceptance": total("accepted") / total("drafted") if total("drafted") else None,
         "stale_rows": total("stale_rows"), "wall_s": wall,
         "traces": [o.trace for o in outs],

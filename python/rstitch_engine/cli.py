@@ -183,7 +183,7 @@ def cmd_bench(args) -> None:
         out = Path(args.out)
         meta = {"slm": str(args.slm), "llm": str(args.llm), "dtype": str(engine.dtype), "device": str(engine.device),
                 "max_tokens": args.max_tokens, "command": " ".join(sys.argv)}
-        write_results(out, "bench", [{k: r.get(k) for k in COLUMNS} for r in rows], meta)
+        write_results(out, "bench", [{k: r.get(k) for k in [*COLUMNS, "switching"]} for r in rows], meta)
         tok_s_plot(rows, out / "bench.png", title)
         print(f"wrote {out}/bench.json, bench.md, bench.png")
 

@@ -59,10 +59,12 @@ def _threshold(value, what: str) -> float:
 class RStitch(Policy):
     """The SLM decodes; H > tau discards its token and the LLM produces that position, keeping control
     until its own H <= tau_down (default: tau). `handover_after=n` makes the LLM hand back after exactly n
-    tokens instead (R2R-style)."""
+    tokens instead (R2R-style). Options that cut switches (docs/method.md, 'Cutting switches'; neither is the
+    paper's rule): tau_down < tau (hysteresis), `min_llm_run=n` (the LLM keeps at least n tokens)."""
     tau: float = 0.02
     tau_down: float | None = None
     handover_after: int | None = None
+    min_llm_run: int | None = None
 
     def __post_init__(self):
         _threshold(self.tau, "tau")
@@ -70,16 +72,24 @@ class RStitch(Policy):
             _threshold(self.tau_down, "tau_down")
         if self.handover_after is not None and (not isinstance(self.handover_after, int) or self.handover_after < 1):
             raise ValueError(f"handover_after must be a positive integer or None, got {self.handover_after!r}")
+        if self.min_llm_run is not None and (not isinstance(self.min_llm_run, int) or isinstance(self.min_llm_run, bool)
+                                             or not 1 <= self.min_llm_run < 2**31):
+            raise ValueError(f"min_llm_run must be a positive integer or None, got {self.min_llm_run!r}")
+        if self.min_llm_run is not None and self.handover_after is not None:
+            raise ValueError("give handover_after or min_llm_run, not both")
 
     @property
     def name(self):
-        return f"rstitch:{self.tau:g}" + (f"/h{self.handover_after}" if self.handover_after else "")
+        down = f":down{self.tau_down:g}" if self.tau_down is not None and self.tau_down != self.tau else ""
+        return (f"rstitch:{self.tau:g}{down}" + (f":min{self.min_llm_run}" if self.min_llm_run else "")
+                + (f"/h{self.handover_after}" if self.handover_after else ""))
 
     def configure(self, spec, max_tokens):
         spec.start_model = SLM
         spec.tau_up = float(self.tau)
         spec.tau_down = float(self.tau if self.tau_down is None else self.tau_down)
         spec.handover_after = self.handover_after or 0
+        spec.min_llm_run = self.min_llm_run or 0
 
 
 @dataclass(frozen=True)
@@ -207,8 +217,22 @@ class RStitchPlus(Policy):
         spec.tau_down = float(self.tau if self.tau_down is None else self.tau_down)
 
 
+def _parse_rstitch(arg: str) -> RStitch:
+    """'0.02', '0.02:down0.01', '0.02:min3', '0.02:down0.01:min3' (empty: tau 0.02)."""
+    tau, *options = arg.split(":") if arg else ["0.02"]
+    kw = {}
+    for option in options:
+        if option.startswith("down"):
+            kw["tau_down"] = float(option[4:])
+        elif option.startswith("min"):
+            kw["min_llm_run"] = int(option[3:])
+        else:
+            raise ValueError(f"unknown R-Stitch option {option!r} (down<tau_down>, min<tokens>)")
+    return RStitch(tau=float(tau), **kw)
+
+
 def parse_policy(text: str) -> Policy:
-    """'llm', 'slm', 'rstitch:0.02', 'handover:0.02' (R-Stitch with handover_after=1), 'spec:4', and for
+    """'llm', 'slm', 'rstitch:0.02' (options ':down<tau_down>', ':min<LLM run>'), 'handover:0.02' (R-Stitch with handover_after=1), 'spec:4', and for
     benchmarks 'spec:4@0.7' (drafts accepted with probability 0.7) and 'forced:0.1:8' (10% LLM positions
     in runs of mean length 8)."""
     kind, _, arg = text.strip().partition(":")
@@ -224,14 +248,14 @@ def parse_policy(text: str) -> Policy:
         if kind == "slm" and not arg:
             return SLMOnly()
         if kind == "rstitch":
-            return RStitch(tau=float(arg) if arg else 0.02)
+            return _parse_rstitch(arg)
         if kind == "handover":
             return RStitch(tau=float(arg) if arg else 0.02, handover_after=1)
         if kind == "spec":
             return SpecDecode(k=int(arg) if arg else 4)
     except ValueError as e:
         raise ValueError(f"bad policy {text!r}: {e}") from None
-    raise ValueError(f"unknown policy {text!r}; use llm, slm, rstitch:<tau>, handover:<tau>, spec:<k>, "
+    raise ValueError(f"unknown policy {text!r}; use llm, slm, rstitch:<tau>[:down<tau>][:min<n>], handover:<tau>, spec:<k>, "
                      f"spec:<k>@<accept rate> or forced:<llm share>[:<mean run>]")
 
 

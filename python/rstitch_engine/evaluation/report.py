@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 SUMMARY_COLUMNS = ("policy", "n", "accuracy", "mean_latency_s", "p50_latency_s", "p90_latency_s", "tok_s",
-                   "mean_tokens", "llm_share", "est_latency_s", "latency_speedup_vs_llm",
-                   "est_latency_speedup_vs_llm")
+                   "mean_tokens", "llm_share", "switches_per_1k", "mean_llm_run", "mean_slm_run", "est_latency_s",
+                   "latency_speedup_vs_llm", "est_latency_speedup_vs_llm")
 
 
 def summarize_policies(records: list[dict]) -> list[dict]:
@@ -41,6 +41,10 @@ def summarize_policies(records: list[dict]) -> list[dict]:
             "tok_s": float(tokens.sum() / latency.sum()) if latency.sum() > 0 else None,
             "mean_tokens": float(tokens.mean()),
             "llm_share": llm_tokens / tokens.sum() if tokens.sum() > 0 else 0.0,
+            "switches_per_1k": (1000 * sum(r.get("switches", 0) for r in recs) / tokens.sum()
+                                if tokens.sum() > 0 else 0.0),
+            "mean_llm_run": _mean_run(recs, "llm"),
+            "mean_slm_run": _mean_run(recs, "slm"),
             "est_latency_s": (float(np.mean([r["est_latency_s"] for r in recs]))
                               if all("est_latency_s" in r for r in recs) else None),
         })
@@ -49,6 +53,13 @@ def summarize_policies(records: list[dict]) -> list[dict]:
         row["latency_speedup_vs_llm"] = _ratio(llm, row, "mean_latency_s")
         row["est_latency_speedup_vs_llm"] = _ratio(llm, row, "est_latency_s")
     return rows
+
+
+def _mean_run(records: list[dict], model: str) -> float | None:
+    """Mean length of `model`'s runs of consecutive tokens over every record (None: no run, or records
+    written before runs were recorded)."""
+    runs = [n for r in records for n in r.get("runs", {}).get(model, [])]
+    return float(np.mean(runs)) if runs else None
 
 
 def _ratio(llm: dict | None, row: dict, key: str) -> float | None:
@@ -103,14 +114,15 @@ def collect_meta() -> dict:
 
 
 def write_results(out_dir: str | Path, name: str, rows: list[dict], meta: dict) -> tuple[Path, Path]:
-    """Writes `<name>.json` ({"meta", "rows"}) and `<name>.md` (a table of every row key) into `out_dir`.
+    """Writes `<name>.json` ({"meta", "rows"}) and `<name>.md` (a table of every scalar row key) into `out_dir`.
     `meta` is added to (and overrides) `collect_meta()`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {**collect_meta(), **meta}
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    columns = list(dict.fromkeys(key for row in rows for key, value in row.items()
+                                 if not isinstance(value, (dict, list))))  # nested detail: in the JSON only
     header = [f"- {key}: {json.dumps(value) if isinstance(value, dict) else value}" for key, value in meta.items()]
     md_path.write_text(markdown_table(rows, columns, title=name) + "\n" + "\n".join(header) + "\n",
                        encoding="utf-8")

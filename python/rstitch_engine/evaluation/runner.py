@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..switching import run_lengths
 from .answers import answers_equal, build_messages, extract_answer
 from .report import pareto_plot, summarize_policies, write_results
 from .view import render_html, token_pieces
@@ -35,6 +36,8 @@ def _record(policy: str, problem: dict, out, latency_model=None) -> dict:
         "correct": answers_equal(answer, problem["answer"]),
         "tokens": tokens,
         "llm_share": out.stats["llm_tokens"] / tokens if tokens else 0.0,
+        "switches": out.stats.get("switches_to_llm", 0) + out.stats.get("switches_to_slm", 0),
+        "runs": {m.name.lower(): lengths for m, lengths in run_lengths(out.sources).items()},
         "latency_s": latency,
         "tok_s": tokens / latency if latency > 0 else None,
         "finish_reason": out.finish_reason,
