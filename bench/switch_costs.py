@@ -7,7 +7,8 @@ than a decode, the switches eat the gain. Per model, at one context length, for 
   engine        one ModelRunner.run through the engine's step path (router/calibrate.py's profiler)
   forward       the engine's decoder forward + LM head alone, outside the scheduler and runner
   transformers  the same checkpoint in transformers, s new tokens over a cache of the same context
-  matmuls       the layers' four weight products at s rows plus the LM head at one row (the GEMM floor)
+  matmuls       the layers' four weight products at s rows plus the LM head at one row, as F.linear
+                (torch's default GEMM choice: the floor the engine had before engine/ops.py's skinny_linear)
   stream        the weights' bytes over this machine's measured copy bandwidth (the bandwidth floor)
 each the median of --repeats after a warm-up, in milliseconds, and each span's ratio to its own decode.
 
@@ -31,7 +32,7 @@ from rstitch_engine import Engine
 from rstitch_engine.engine.kv_pool import KVPool
 from rstitch_engine.engine.ops import AttentionMeta, Ops
 from rstitch_engine.evaluation.report import collect_meta
-from rstitch_engine.models.decoder import forward, lm_head
+from rstitch_engine.models.decoder import forward
 from rstitch_engine.models.rope import cos_sin_table
 from rstitch_engine.router.calibrate import Grid, profile
 
@@ -95,7 +96,7 @@ def forward_ms(cfg, w, dtype, context: int, span: int, repeats: int) -> float:
 
     def run():
         hidden = forward(cfg, w, ops, ids, positions, pool.layers, meta, cos_sin)
-        lm_head(w, hidden[-1:])
+        ops.lm_head(hidden[-1:], w.lm_head)
 
     return median_ms(run, repeats)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from rstitch_engine.config import ModelConfig
-from rstitch_engine.models.decoder import ModelWeights, forward, lm_head
+from rstitch_engine.models.decoder import ModelWeights, forward
 from rstitch_engine.models.rope import cos_sin_table
 from rstitch_engine.kernels.spec_verify import verify_drafts
 
@@ -105,7 +105,7 @@ class ModelRunner:
                          self.cos_sin)
         if L:
             selected = hidden[v.logits_indices[:L]]
-            self.decide(lm_head(self.weights, selected), selected, flags, L, draft_logits)
+            self.decide(self.ops.lm_head(selected, self.weights.lm_head), selected, flags, L, draft_logits)
 
     def decide(self, logits: torch.Tensor, hidden: torch.Tensor, flags: "StepFlags", L: int,
                draft_logits: torch.Tensor | None) -> None:

@@ -14,6 +14,18 @@ from rstitch_engine.kernels.fused_linear import unfused_norm_linear, unfused_sil
 # Rows up to which the Triton path uses the fused skinny-GEMM kernels (kernels/fused_linear.py) instead
 # of cuBLAS plus separate norm/activation kernels. To be tuned on the GPU: bench/kernels.py times both.
 FUSED_MAX_ROWS = 8
+# Rows up to which float32 products on the CPU run as weight @ x^T (bench/results/switch-costs-*-2026-12-01).
+SKINNY_MAX_ROWS = 16
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for 2..SKINNY_MAX_ROWS float32 rows on the CPU, computed as weight @ x^T: there torch's
+    x @ W^T leaves its one-row GEMV for a GEMM that streams the weights at half the speed, so a catch-up extend
+    of 2 tokens cost 2x a decode; weight @ x^T keeps it at ~1.1x (measured on a 2-core x86 VM, 2026-12-01)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not 2 <= x.shape[0] <= SKINNY_MAX_ROWS:
+        return F.linear(x, weight, bias)
+    y = torch.mm(weight, x.t()).t().contiguous()
+    return y if bias is None else y.add_(bias)
 
 
 @dataclass
@@ -50,17 +62,21 @@ class Ops:
         """(rms_norm(h + residual) @ weight^T + bias, h + residual); see kernels/fused_linear.py."""
         if self._fused(h):
             return K.norm_linear(h, residual, norm_weight, weight, bias, eps)
-        return unfused_norm_linear(self.rms_norm, h, residual, norm_weight, weight, bias, eps)
+        return unfused_norm_linear(self.rms_norm, h, residual, norm_weight, weight, bias, eps, skinny_linear)
 
     def linear(self, x, weight):
         """x @ weight^T."""
-        return K.linear(x, weight) if self._fused(x) else F.linear(x, weight)
+        return K.linear(x, weight) if self._fused(x) else skinny_linear(x, weight)
 
     def silu_mul_linear(self, gate_up, weight):
         """(silu(gate) * up) @ weight^T for gate_up = [gate | up]."""
         if self._fused(gate_up):
             return K.silu_mul_linear(gate_up, weight)
-        return unfused_silu_mul_linear(self.silu_and_mul, gate_up, weight)
+        return unfused_silu_mul_linear(self.silu_and_mul, gate_up, weight, skinny_linear)
+
+    def lm_head(self, hidden, weight):
+        """The output head on the deciding rows."""
+        return skinny_linear(hidden, weight)
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMeta) -> torch.Tensor:
         if meta.max_query_len == 1:

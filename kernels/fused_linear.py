@@ -221,16 +221,16 @@ def _into(out, y):
     return y if out is None else out.copy_(y)
 
 
-def unfused_norm_linear(rms_norm, h, residual, norm_weight, weight, bias, eps: float):
-    """`rms_norm` (the Triton kernel or its reference, + residual) then F.linear."""
+def unfused_norm_linear(rms_norm, h, residual, norm_weight, weight, bias, eps: float, linear=F.linear):
+    """`rms_norm` (the Triton kernel or its reference, + residual) then `linear` (F.linear's signature)."""
     if residual is None:
-        return F.linear(rms_norm(h, norm_weight, eps), weight, bias), h
+        return linear(rms_norm(h, norm_weight, eps), weight, bias), h
     x, residual_out = rms_norm(h, norm_weight, eps, residual)
-    return F.linear(x, weight, bias), residual_out
+    return linear(x, weight, bias), residual_out
 
 
-def unfused_silu_mul_linear(silu_and_mul, gate_up, weight):
-    return F.linear(silu_and_mul(gate_up), weight)
+def unfused_silu_mul_linear(silu_and_mul, gate_up, weight, linear=F.linear):
+    return linear(silu_and_mul(gate_up), weight)
 
 
 def norm_linear_ref(h, residual, norm_weight, weight, bias, eps: float, out=None, num_splits=None):

@@ -7,7 +7,7 @@ from rstitch_engine.config import ModelConfig
 from rstitch_engine.engine.kv_pool import KVPool
 from rstitch_engine.engine.ops import AttentionMeta, Ops
 from rstitch_engine.loader import load_weights
-from rstitch_engine.models.decoder import forward, lm_head
+from rstitch_engine.models.decoder import forward
 from rstitch_engine.models.rope import cos_sin_table
 
 
@@ -23,9 +23,10 @@ def engine_logits(path, ids: list[int], *, dtype=torch.float32, triton: bool = F
     i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
     meta = AttentionMeta(slot_mapping=slots, block_tables=order[None], seq_slot=i32(0), query_start_loc=i32(0, T),
                          seq_lens=i32(T), max_query_len=T, scale=cfg.head_dim ** -0.5)
-    hidden = forward(cfg, w, Ops(triton), torch.tensor(ids), torch.arange(T, dtype=torch.int32), pool.layers,
+    ops = Ops(triton)
+    hidden = forward(cfg, w, ops, torch.tensor(ids), torch.arange(T, dtype=torch.int32), pool.layers,
                      meta, cos_sin_table(cfg, T))
-    return lm_head(w, hidden).float()
+    return ops.lm_head(hidden, w.lm_head).float()
 
 
 def hf_model(path, dtype=torch.float32):

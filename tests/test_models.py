@@ -100,4 +100,23 @@ def test_sharded_checkpoint_loads(tmp_path, tiny):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "config.json").write_bytes((src / "config.json").read_bytes())
     ids = [3, 4, 5, 6, 7]
-    assert torch.equal(engine_logits(tmp_path, ids), engine_logits(src, ids))
+    # the same weights: equal up to the CPU GEMM's alignment-dependent summation order (engine/ops.py)
+    torch.testing.assert_close(engine_logits(tmp_path, ids), engine_logits(src, ids), rtol=1e-6, atol=1e-5)
+
+
+def test_skinny_linear_is_f_linear():
+    """engine/ops.py's CPU product for 2..16 float32 rows (weight @ x^T) computes F.linear, bias included."""
+    import torch.nn.functional as F
+
+    from rstitch_engine.engine.ops import SKINNY_MAX_ROWS, skinny_linear
+
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(300, 70, generator=g), torch.randn(300, generator=g)
+    for rows in (1, 2, 5, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1):
+        x = torch.randn(rows, 70, generator=g)
+        for bias in (None, b):
+            got = skinny_linear(x, w, bias)
+            assert got.is_contiguous() and got.shape == (rows, 300)
+            torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    x16 = torch.randn(4, 70, generator=g).bfloat16()
+    assert torch.equal(skinny_linear(x16, w.bfloat16()), F.linear(x16, w.bfloat16()))  # other dtypes: F.linear

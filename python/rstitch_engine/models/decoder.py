@@ -62,6 +62,3 @@ def forward(cfg: ModelConfig, w: ModelWeights, ops, input_ids: torch.Tensor, pos
     out, _ = ops.rms_norm(h, w.norm, eps, residual)
     return out
 
-
-def lm_head(w: ModelWeights, hidden: torch.Tensor) -> torch.Tensor:
-    return F.linear(hidden, w.lm_head)
