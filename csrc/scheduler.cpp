@@ -155,14 +155,27 @@ void Scheduler::rollback(Request& r) {
   r.table_synced = std::min(r.table_synced, r.table.size());
 }
 
+// Whether r could be one of the LLM rows a parked batch waits for: a stitch request on the LLM, or one
+// whose policy may switch to it.
+static bool may_join_llm_batch(const Request& r) {
+  if (r.spec.spec_k != 0) return false;
+  return r.active == kLLM || r.spec.tau_up < kInf || r.spec.use_router || !r.spec.forced.empty();
+}
+
 bool Scheduler::park_llm_rows() {
   if (cfg_.llm_min_batch <= 1) return false;
-  int32_t ready = 0, waited = 0;
+  int32_t ready = 0, waited = 0, could_join = 0;
   for (const Request* r : running_) {
-    if (r->spec.spec_k != 0 || r->active != kLLM || !dispatchable(*r)) continue;
+    if (!may_join_llm_batch(*r)) continue;
+    ++could_join;
+    if (r->active != kLLM || !dispatchable(*r)) continue;
     ++ready;
     waited = std::max(waited, r->parked_steps);
   }
+  for (const Request* r : waiting_) could_join += may_join_llm_batch(*r);
+  // Never wait for a batch that cannot form: every live request that could join is ready already, or
+  // there are fewer of them than llm_min_batch.
+  if (could_join == ready || could_join < cfg_.llm_min_batch) return false;
   return ready > 0 && ready < cfg_.llm_min_batch && waited < cfg_.llm_max_wait;
 }
 
@@ -426,7 +439,7 @@ void Scheduler::apply(Request& r, const Dispatch& d, const Results& res, int64_t
   r.trace.push_back({d.model, d.end - d.start, d.start});
   auto nan_error = [&](int64_t at) {
     end(r, Finish::kError,
-        std::string("the ") + model_name(d.model) + " produced NaN logits at position " +
+        std::string("the ") + model_name(d.model) + " produced NaN/inf values (logits or hidden states) at position " +
             std::to_string(r.tokens.size() + (at - row)));
   };
   switch (d.kind) {

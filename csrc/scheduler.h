@@ -48,7 +48,8 @@ struct SchedulerConfig {
   bool optimistic_llm = true;      // with overlap: dispatch an LLM row again before its hand-back is known
   int32_t watermark_blocks = 0;    // blocks kept free at admission while others run
   // R2R-style parking: LLM rows wait until `llm_min_batch` of them are ready or one has waited
-  // `llm_max_wait` steps (1: no parking).
+  // `llm_max_wait` steps (1: no parking). Rows never wait for a batch that cannot form: with fewer live
+  // requests that could need the LLM than llm_min_batch, or all of them ready, they are dispatched at once.
   int32_t llm_min_batch = 1;
   int32_t llm_max_wait = 0;
 };

@@ -66,6 +66,11 @@ class ModelRunner:
         self.entropies = torch.zeros(cap, dtype=torch.float32, device=device)
         self.flags = torch.zeros(cap, dtype=torch.int32, device=device)
         self.no_cutoff = torch.full((cap,), float("-inf"), device=device)
+        # NaN/inf detection independent of the attention backend (models/decoder.py `check`): a per-token
+        # sum over q/k/v and the final hidden state, and per sequence slot whether this model's KV of the
+        # request holds a non-finite value (sticky across steps: a chunked prefill decides nothing).
+        self.check = torch.zeros(self.plan.views.input_ids.shape[0], dtype=torch.float32, device=device)
+        self.nonfinite_slots = torch.zeros(tables.tokens.shape[0], dtype=torch.bool, device=device)
         self.cos_sin = cos_sin_table(cfg, max_model_len, device)
         self.scale = cfg.head_dim ** -0.5
         self.num_slots = tables.tokens.shape[0] - 1
@@ -101,14 +106,33 @@ class ModelRunner:
         meta = AttentionMeta(slot_mapping=v.slot_mapping[:T], block_tables=blocks,
                              seq_slot=v.seq_slot[:R], query_start_loc=v.query_start_loc[:R + 1],
                              seq_lens=v.seq_lens[:R], max_query_len=max_query_len, scale=self.scale)
+        check = self.check[:T]
+        check.zero_()
         hidden = forward(self.cfg, self.weights, self.ops, input_ids, v.positions[:T], self.pool.layers, meta,
-                         self.cos_sin)
+                         self.cos_sin, check=check)
+        nonfinite = self._nonfinite_rows(check, T, R, L)
         if L:
             selected = hidden[v.logits_indices[:L]]
-            self.decide(self.ops.lm_head(selected, self.weights.lm_head), selected, flags, L, draft_logits)
+            self.decide(self.ops.lm_head(selected, self.weights.lm_head), selected, flags, L, draft_logits,
+                        nonfinite)
+
+    def _nonfinite_rows(self, check: torch.Tensor, T: int, R: int, L: int) -> torch.Tensor:
+        """[L] bool: the logits rows whose request has had a NaN/inf in this model's q/k/v or final hidden
+        states, in this step or since its KV was last built from position 0 (a row whose span holds a real
+        token at position 0 resets its slot). The stitch step flags those rows NAN, so the request fails
+        with an error naming the model. On the device, without a host sync (graph-capturable)."""
+        v = self.plan.views
+        bad = ~torch.isfinite(check)
+        fresh = (v.positions[:T] == 0) & (v.slot_mapping[:T] >= 0)  # padding tokens write no KV (slot -1)
+        counts = torch.nn.functional.pad(torch.stack([bad, fresh]).int().cumsum(-1), (1, 0))  # [2, T + 1]
+        qsl = v.query_start_loc[:R + 1].long()
+        per_row = (counts[:, qsl[1:]] - counts[:, qsl[:-1]]) > 0  # [2, R]: any bad / any fresh token
+        slot = v.seq_slot[:R].long()
+        self.nonfinite_slots[slot] = (self.nonfinite_slots[slot] & ~per_row[1]) | per_row[0]
+        return self.nonfinite_slots[v.out_slot[:L].long()]
 
     def decide(self, logits: torch.Tensor, hidden: torch.Tensor, flags: "StepFlags", L: int,
-               draft_logits: torch.Tensor | None) -> None:
+               draft_logits: torch.Tensor | None, nonfinite: torch.Tensor | None = None) -> None:
         v, rows = self.plan.views, slice(0, L)
         temperature, top_k, top_p = v.temperature[rows], v.top_k[rows], v.top_p[rows]
         cutoff = self.no_cutoff[rows]
@@ -124,7 +148,8 @@ class ModelRunner:
         self.ops.stitch_step(logits, self.vocab_limit, temperature=temperature, cutoff=cutoff, seed=v.seed[rows],
                              sample_pos=v.sample_pos[rows], tau_up=tau_up, tau_down=v.tau_down[rows],
                              is_llm=int(self.model), token_table=self.tables.tokens, out_slot=v.out_slot[rows],
-                             out_pos=v.out_pos[rows], out=(tokens, self.entropies[rows], result_flags))
+                             out_pos=v.out_pos[rows], out=(tokens, self.entropies[rows], result_flags),
+                             nonfinite=nonfinite)
         if flags.sampled_drafts:
             # Keep each draft's distribution for the rejection rule; other rows go to the sink slot.
             spec_index = v.spec_index[rows]

@@ -8,13 +8,15 @@ token (greedy, or a sample keyed by (seed, position)). This op decides the accep
   rejected row resamples from norm(max(q - p, 0)) (Gumbel noise of stream 2), so the output is distributed
   exactly as the LLM's (Leviathan et al., Chen et al.).
 Rows are kept up to and including the first non-accepted one; that row's token is final and is written to
-the token table. Rows outside verify groups pass through unchanged.
+the token table. Rows outside verify groups pass through unchanged. Temperatures below GREEDY_TEMPERATURE
+(sampling_params.py) verify greedily, as the stitch step samples greedily there.
 """
 from __future__ import annotations
 
 import torch
 
 from rstitch_engine.protocol import ResultFlag, Stream
+from rstitch_engine.sampling_params import GREEDY_TEMPERATURE
 
 from .random import gumbel_noise, uniform_noise
 from .stitch_step import sampling_cutoff
@@ -23,7 +25,7 @@ KEEP, NAN = int(ResultFlag.KEEP), int(ResultFlag.NAN)
 
 
 def _masked_probs(logits: torch.Tensor, temperature: torch.Tensor, cutoff: torch.Tensor) -> torch.Tensor:
-    x = logits.float() / temperature.clamp(min=1e-6)[:, None]
+    x = logits.float() / temperature.clamp(min=GREEDY_TEMPERATURE)[:, None]
     x = x.masked_fill(logits.float() < cutoff[:, None], float("-inf"))
     return torch.softmax(x, dim=-1)
 
@@ -44,7 +46,9 @@ def verify_drafts(logits, vocab_limit: int, *, tokens, flags, verify_start, spec
     if draft_logits is not None:
         cols = torch.arange(vocab_limit, device=logits.device)
         q = _masked_probs(logits[:, :vocab_limit], temperature, cutoff)
-        p_logits = draft_logits[out_slot, spec_index.clamp(min=0)]
+        # A group of k drafts has k + 1 rows: the bonus row (spec index k) has no draft, and `draft_logits`
+        # only k slots; it reads slot k - 1 (ignored: `has_draft` masks the row's acceptance and resample).
+        p_logits = draft_logits[out_slot, spec_index.clamp(0, draft_logits.shape[1] - 1)]
         p = _masked_probs(p_logits, temperature, sampling_cutoff(p_logits, temperature, top_k, top_p, vocab_limit))
         d = draft.long().clamp(0, vocab_limit - 1)[:, None]
         u = uniform_noise(seed, sample_pos, cols[:1], stream=Stream.SPEC_ACCEPT)[:, 0]
@@ -52,7 +56,7 @@ def verify_drafts(logits, vocab_limit: int, *, tokens, flags, verify_start, spec
         residual = (q - p).clamp(min=0)
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, q)
         resampled = (residual.log() + gumbel_noise(seed, sample_pos, cols, stream=Stream.SPEC_RESAMPLE)).argmax(-1).to(tokens.dtype)
-        sampling = temperature > 0
+        sampling = temperature >= GREEDY_TEMPERATURE  # below: greedy, as in the stitch step
         accept = torch.where(sampling, sampled_accept, accept)
         final_token = torch.where(sampling & has_draft, resampled, tokens)
     if accept_rate is not None:

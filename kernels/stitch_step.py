@@ -4,7 +4,13 @@ One read of each logits row gives
   * H = (-sum p log p) / ln V over all V columns (softmax at temperature 1, online: m, S0, S1),
   * the next token: greedy argmax, or Gumbel-max sampling with the counter-based noise of random.py,
   * flags = KEEP | NEXT_LLM (rstitch_engine.protocol.ResultFlag; NAN alone: the row has a NaN or +inf
-    logit; token -1, H NaN).
+    logit, or the caller's `nonfinite[row]` says its hidden states had one; token -1, H NaN).
+
+`nonfinite` exists because NaN detection must not depend on how an attention backend treats NaN (torch's
+CPU SDPA and the reference's nan_to_num turn a NaN query into zeros, so the logits can stay finite): the
+model runner checks its hidden states and attention inputs per row and hands the result in here.
+
+Temperatures below GREEDY_TEMPERATURE (sampling_params.py, 1e-5) are greedy: logits / T overflows for tiny T.
 
 NOTE: split-V. A single program streaming a 300 KB row is latency-bound, so for small L each row is
 cut into `splits` contiguous ranges of whole chunks: pass 1 writes one partial (m, S0, S1, best score,
@@ -20,6 +26,8 @@ import triton.language as tl
 
 from rstitch_engine.protocol import ResultFlag, Stream
 
+from rstitch_engine.sampling_params import GREEDY_TEMPERATURE
+
 from .common import num_sms
 from .random import gumbel_from_hash, gumbel_noise, hash_u32
 
@@ -32,6 +40,7 @@ FLAG_NAN = tl.constexpr(int(ResultFlag.NAN))
 FLAG_NEXT_LLM = tl.constexpr(int(ResultFlag.NEXT_LLM))
 FLAG_KEEP = tl.constexpr(int(ResultFlag.KEEP))
 NEG_BIG = tl.constexpr(-1.0e30)  # finite stand-in for -inf in the online sums (no inf - inf)
+MIN_SAMPLING_T = tl.constexpr(GREEDY_TEMPERATURE)  # below: greedy
 FIELDS = tl.constexpr(6)  # per partial: m, S0, S1, best score, best id, bad (ids < 2**24: exact in f32)
 
 
@@ -75,8 +84,9 @@ def _finish_row(row, m, s0, s1, best_id, bad, inv_log_v, tau_up_ptr, tau_down_pt
 def _stitch_scan_kernel(logits_ptr, V, vocab_limit, inv_log_v, chunks_per_split, splits,
                         temperature_ptr, cutoff_ptr, seed_ptr, sample_pos_ptr, tau_up_ptr, tau_down_ptr,
                         tokens_ptr, entropy_ptr, flags_ptr, partials_ptr,
-                        table_ptr, table_stride, out_slot_ptr, out_pos_ptr,
-                        IS_LLM: tl.constexpr, HAS_TABLE: tl.constexpr, FUSED: tl.constexpr,
+                        table_ptr, table_stride, out_slot_ptr, out_pos_ptr, nonfinite_ptr,
+                        IS_LLM: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_NONFINITE: tl.constexpr,
+                        FUSED: tl.constexpr,
                         BLOCK_V: tl.constexpr, STREAM: tl.constexpr, NUM_STAGES: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -84,7 +94,8 @@ def _stitch_scan_kernel(logits_ptr, V, vocab_limit, inv_log_v, chunks_per_split,
     cutoff = tl.load(cutoff_ptr + row)
     seed = tl.load(seed_ptr + row)
     pos = tl.load(sample_pos_ptr + row)
-    inv_temperature = tl.div_rn(1.0, tl.where(temperature > 0, temperature, 1.0))  # IEEE, as torch
+    sampled = temperature >= MIN_SAMPLING_T
+    inv_temperature = tl.div_rn(1.0, tl.where(sampled, temperature, 1.0))  # IEEE, as torch
     row_ptr = logits_ptr + row.to(tl.int64) * V
     col_begin = split * chunks_per_split * BLOCK_V
     col_end = tl.minimum(col_begin + chunks_per_split * BLOCK_V, V)
@@ -112,7 +123,7 @@ def _stitch_scan_kernel(logits_ptr, V, vocab_limit, inv_log_v, chunks_per_split,
         m = tl.where(up, xc, m)
         # next-token score: the logit (greedy) or logit / T + Gumbel noise among ids above the cutoff
         allowed = cols < vocab_limit
-        if temperature > 0:
+        if sampled:
             allowed = allowed & (x >= cutoff)
             if tl.max(allowed.to(tl.int32), axis=0) > 0:  # top-k/top-p leave most chunks empty
                 noise = gumbel_from_hash(hash_u32(seed, pos, cols, STREAM))
@@ -128,6 +139,8 @@ def _stitch_scan_kernel(logits_ptr, V, vocab_limit, inv_log_v, chunks_per_split,
     m_row, s0_row, s1_row = _merge_softmax_stats(m, s0, s1)
     best_row, best_id_row = _merge_argmax(best, best_id)
     bad_row = tl.max(bad.to(tl.int32), axis=0) > 0
+    if HAS_NONFINITE:
+        bad_row = bad_row | (tl.load(nonfinite_ptr + row) != 0)
     if FUSED:
         _finish_row(row, m_row, s0_row, s1_row, best_id_row, bad_row, inv_log_v, tau_up_ptr, tau_down_ptr,
                     tokens_ptr, entropy_ptr, flags_ptr, table_ptr, table_stride, out_slot_ptr, out_pos_ptr,
@@ -173,9 +186,10 @@ def _outputs(logits: torch.Tensor, out):
 
 
 def stitch_step(logits, vocab_limit, *, temperature, cutoff, seed, sample_pos, tau_up, tau_down, is_llm,
-                token_table=None, out_slot=None, out_pos=None, out=None, num_splits=None):
+                token_table=None, out_slot=None, out_pos=None, out=None, num_splits=None, nonfinite=None):
     """Triton launcher: -> (tokens [L] int32, entropy [L] float32, flags [L] int32).
-    `num_splits` (rows cut into that many ranges) is chosen from L, V and the device when None."""
+    `num_splits` (rows cut into that many ranges) is chosen from L, V and the device when None.
+    `nonfinite` ([L], nonzero: flag the row NAN whatever its logits) is optional."""
     n_rows, vocab = logits.shape
     assert logits.is_contiguous() and 0 < vocab_limit <= vocab
     tokens, entropy, flags = outputs = _outputs(logits, out)
@@ -192,12 +206,13 @@ def stitch_step(logits, vocab_limit, *, temperature, cutoff, seed, sample_pos, t
     has_table = token_table is not None
     table_args = (token_table, token_table.stride(0), out_slot, out_pos) if has_table else (tokens, 0, tokens, tokens)
     flags_kw = dict(IS_LLM=bool(is_llm), HAS_TABLE=has_table)
+    has_nonfinite = nonfinite is not None
     inv_log_v = 1.0 / math.log(vocab)
     _stitch_scan_kernel[(n_rows, splits)](
         logits, vocab, vocab_limit, inv_log_v, chunks_per_split, splits,
         temperature, cutoff, seed, sample_pos, tau_up, tau_down,
-        tokens, entropy, flags, partials, *table_args,
-        FUSED=splits == 1, BLOCK_V=block_v, STREAM=STITCH_STREAM, NUM_STAGES=NUM_STAGES,
+        tokens, entropy, flags, partials, *table_args, nonfinite if has_nonfinite else tokens,
+        HAS_NONFINITE=has_nonfinite, FUSED=splits == 1, BLOCK_V=block_v, STREAM=STITCH_STREAM, NUM_STAGES=NUM_STAGES,
         num_warps=NUM_WARPS, **flags_kw)
     if splits > 1:
         _stitch_combine_kernel[(n_rows,)](
@@ -207,7 +222,7 @@ def stitch_step(logits, vocab_limit, *, temperature, cutoff, seed, sample_pos, t
 
 
 def stitch_step_ref(logits, vocab_limit, *, temperature, cutoff, seed, sample_pos, tau_up, tau_down, is_llm,
-                    token_table=None, out_slot=None, out_pos=None, out=None, num_splits=None):
+                    token_table=None, out_slot=None, out_pos=None, out=None, num_splits=None, nonfinite=None):
     """Plain-torch reference (the CPU runtime's implementation); `num_splits` is ignored."""
     x = logits.float()
     n_rows, vocab = x.shape
@@ -215,9 +230,11 @@ def stitch_step_ref(logits, vocab_limit, *, temperature, cutoff, seed, sample_po
     plogp = torch.where(logp > float("-inf"), logp.exp() * logp, 0.0)
     entropy = -plogp.sum(-1) / math.log(vocab)
     bad = (x.isnan() | (x == float("inf"))).any(-1)
+    if nonfinite is not None:
+        bad = bad | (nonfinite != 0)
 
     head = x[:, :vocab_limit]
-    sampled = temperature > 0
+    sampled = temperature >= GREEDY_TEMPERATURE
     cols = torch.arange(vocab_limit, device=x.device)
     # NOTE: the engine runs this reference on the CPU only, where reading the flag costs nothing; skipping
     # the noise of all-greedy steps halves their time.
@@ -246,16 +263,17 @@ def stitch_step_ref(logits, vocab_limit, *, temperature, cutoff, seed, sample_po
 def sampling_cutoff(logits, temperature, top_k, top_p, vocab_limit):
     """Smallest logit a row may sample ([L] float32): top-k, then top-p over the survivors, in
     probabilities at the row's temperature over ids < vocab_limit; ties at the cutoff are kept.
-    -inf for greedy rows and rows without top-k/top-p. Plain torch, sort-based, no host sync."""
+    -inf for greedy rows (temperature < GREEDY_TEMPERATURE) and rows without top-k/top-p. Plain torch, sort-based, no host sync."""
     x = logits[:, :vocab_limit].float()
     sorted_x = x.sort(dim=-1, descending=True).values
     k = torch.where(top_k > 0, top_k.clamp(max=vocab_limit), vocab_limit).long()
     in_top_k = torch.arange(vocab_limit, device=x.device)[None, :] < k[:, None]
-    temp = torch.where(temperature > 0, temperature, 1.0)
+    sampled = temperature >= GREEDY_TEMPERATURE
+    temp = torch.where(sampled, temperature, 1.0)
     probs = torch.softmax((sorted_x / temp[:, None]).masked_fill(~in_top_k, float("-inf")), dim=-1)
     mass_before = probs.cumsum(-1) - probs
     in_top_p = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1)  # float sums may reach 1 early
     n_keep = (in_top_p & in_top_k).sum(-1).clamp(min=1)
     cutoff = sorted_x.gather(1, (n_keep - 1)[:, None]).squeeze(1)
-    active = (temperature > 0) & ((top_k > 0) | (top_p < 1))
+    active = sampled & ((top_k > 0) | (top_p < 1))
     return torch.where(active, cutoff, float("-inf"))

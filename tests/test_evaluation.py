@@ -288,7 +288,7 @@ def test_parse_policies():
 
 @pytest.mark.parametrize("text, message", [
     ("", "empty entry"), ("llm,,slm", "empty entry"), ("llm,llm", "repeats llm"), ("big", "unknown policy"),
-    ("llm:2", "unknown policy"), ("spec:0", "positive integer"), ("spec:x", "bad policy"), ("spec:1.5", "bad policy"),
+    ("llm:2", "unknown policy"), ("spec:0", r"k must be an integer in \[1, 2\*\*31 - 1\]"), ("spec:x", "bad policy"), ("spec:1.5", "bad policy"),
     ("rstitch:abc", "bad policy"), ("rstitch:nan", "tau must be a number"),
 ])
 def test_parse_policies_errors(text, message):

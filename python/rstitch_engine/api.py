@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from . import _C
@@ -18,9 +19,9 @@ from .detokenize import IncrementalDecoder
 from .loader import load_weights
 from .outputs import RequestOutput
 from .random_models import random_config, random_weights
-from .policies import LLMOnly, Policy, RStitch, RStitchPlus, SLMOnly
+from .policies import LLMOnly, Policy, RStitch, RStitchPlus, SLMOnly, SpecDecode
 from .protocol import LLM, SLM, Model
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, scheduler_seed
 from .tokenizer import check_same_vocabulary, load_tokenizer
 
 
@@ -97,7 +98,7 @@ class Engine:
         limit = min(c.max_position_embeddings for c in self.configs.values())
         if requested is not None and requested > limit:
             raise ValueError(f"max_model_len={requested} exceeds the models' context of {limit} positions")
-        return requested or limit
+        return requested if requested is not None else limit
 
     # ---- requests -----------------------------------------------------------------------------------
     @property
@@ -109,24 +110,34 @@ class Engine:
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer: pass prompts as lists of token ids")
             return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, np.ndarray) and prompt.ndim == 1 and np.issubdtype(prompt.dtype, np.integer):
+            prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)):
             raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        bad = [type(t).__name__ for t in prompt if not isinstance(t, int) or isinstance(t, bool)]
+        bad = [type(t).__name__ for t in prompt if not isinstance(t, (int, np.integer)) or isinstance(t, bool)]
         if bad:
             raise TypeError(f"a prompt list must hold token ids (int), got an item of type {bad[0]}")
-        return None, list(prompt)
+        return None, [int(t) for t in prompt]
 
-    def _spec(self, ids: list[int], params: SamplingParams, policy: Policy) -> _C.RequestSpec:
+    def _spec(self, ids: list[int], params: SamplingParams, policy: Policy) -> _C.RequestSpec | str:
+        """The scheduler spec of one request, or why the request fails alone (a token id no int32 holds;
+        the scheduler checks the rest of the prompt). Raises only on invalid parameters."""
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
+        huge = next((t for t in ids if not -2**31 <= t < 2**31), None)  # no int32 holds it
+        if huge is not None:
+            return f"prompt token id {huge} is outside the vocabulary [0, {self.vocab_limit})"
         spec = _C.RequestSpec()
         spec.id = self._next_id
         self._next_id += 1
         spec.prompt = ids
         spec.max_tokens, spec.min_tokens = params.max_tokens, params.min_tokens
         spec.stop_ids = sorted(set([] if params.ignore_eos else self.eos_ids) | set(params.stop_token_ids or []))
-        spec.temperature, spec.top_p, spec.top_k = float(params.temperature), float(params.top_p), params.top_k
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
-        spec.seed = seed & 0x7FFFFFFF
-        policy.configure(spec, params.max_tokens)
+        # Temperatures below GREEDY_TEMPERATURE decode greedily (sampling_params.py).
+        spec.temperature = 0.0 if params.greedy else float(params.temperature)
+        spec.top_p, spec.top_k = float(params.top_p), params.top_k
+        spec.seed = scheduler_seed(seed)
+        # Forced patterns cover the outputs the context can hold, not a max_tokens of 2**31 - 1.
+        policy.configure(spec, min(params.max_tokens, self.max_model_len))
         return spec
 
     def _check_policy(self, policy) -> None:
@@ -136,6 +147,10 @@ class Engine:
         if missing:
             raise ValueError(f"policy {policy.name!r} needs the {' and the '.join(missing)}, which this engine "
                              f"did not load (Engine(slm=..., llm=...))")
+        verify_rows = self.runtime.scheduler_config.max_logits_rows
+        if isinstance(policy, SpecDecode) and policy.k + 1 > verify_rows:
+            raise ValueError(f"policy {policy.name!r}: k + 1 = {policy.k + 1} rows per verification exceed this "
+                             f"engine's max_logits_rows of {verify_rows} (EngineConfig)")
 
     def _install_router(self, plus: list) -> None:
         """Puts the R-Stitch+ router of this call on the SLM's runner (one router per call)."""
@@ -158,33 +173,51 @@ class Engine:
                  on_tokens: Callable[[int, list[int], list[int]], None] | None = None) -> list[RequestOutput]:
         """Runs every prompt (a string or a list of token ids) to completion, batched continuously.
         `params` and `policy` are one for all or one per prompt. `on_tokens(index, token_ids, sources)` is
-        called as tokens are committed (streaming)."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        called as tokens are committed (streaming).
+
+        Errors come in two kinds. Invalid arguments (types, parameter ranges, a policy this engine cannot
+        run, stop strings without a tokenizer) raise ValueError/TypeError before any request is admitted.
+        A request the engine cannot serve (an empty or too long prompt, a token id outside the vocabulary)
+        or one that fails while running (NaN/inf in a model) fails alone: finish_reason "error" and `error`
+        say why, and the other requests run. Admission is all-or-nothing: on any exception, KeyboardInterrupt
+        included, every request of the call is aborted and its blocks are released."""
+        prompts = _prompt_list(prompts)
         n = len(prompts)
         params_list = _per_request(params if params is not None else SamplingParams(), n, "params", SamplingParams)
         policy_list = _per_request(policy if policy is not None else self.default_policy, n, "policy", Policy)
+        for sp in {id(sp): sp for sp in params_list}.values():
+            sp.validate()  # the fields may have been changed since it was built
+            if sp.stop_strings and self.tokenizer is None:
+                raise ValueError(f"stop strings {list(sp.stop_strings)!r} need a tokenizer, and this checkpoint has "
+                                 f"none: use stop_token_ids")
         for p in set(policy_list):
             self._check_policy(p)
-        self._install_router([p for p in set(policy_list) if isinstance(p, RStitchPlus)])
         encoded = [self._encode(p) for p in prompts]
+        specs = [self._spec(ids, sp, pol) for (_, ids), sp, pol in zip(encoded, params_list, policy_list)]
+        self._install_router([p for p in set(policy_list) if isinstance(p, RStitchPlus)])
         start = time.perf_counter()
         outputs: list[RequestOutput] = [RequestOutput(i, text, ids) for i, (text, ids) in enumerate(encoded)]
         live: dict[int, tuple[int, SamplingParams, IncrementalDecoder | None]] = {}
-        for i, ((_, ids), sp, pol) in enumerate(zip(encoded, params_list, policy_list)):
-            spec = self._spec(ids, sp, pol)
-            error = self.sched.add(spec)
-            if error:
-                outputs[i].finish_reason, outputs[i].error = "error", error
-                continue
-            if spec.spec_k and sp.temperature > 0:
-                self.loop.ensure_draft_logits(spec.spec_k, self.vocab_limit, self.dtype)
-            decoder = IncrementalDecoder(self.tokenizer, sp.skip_special_tokens) \
-                if sp.stop_strings and self.tokenizer is not None else None
-            live[spec.id] = (i, sp, decoder)
-        bar = tqdm(total=n, disable=not use_tqdm, desc="generate", unit="req")
-        bar.update(n - len(live))
+        added: list[int] = []  # ids that may be in the scheduler: all undone on any failure
+        bar = None
         try:
+            draft_k = 0
+            for i, (spec, sp) in enumerate(zip(specs, params_list)):
+                error = spec if isinstance(spec, str) else None
+                if error is None:
+                    added.append(spec.id)
+                    error = self.sched.add(spec)
+                if error:
+                    outputs[i].finish_reason, outputs[i].error = "error", error
+                    continue
+                if spec.spec_k and spec.temperature > 0:
+                    draft_k = max(draft_k, spec.spec_k)
+                decoder = IncrementalDecoder(self.tokenizer, sp.skip_special_tokens) if sp.stop_strings else None
+                live[spec.id] = (i, sp, decoder)
+            if draft_k:
+                self.loop.ensure_draft_logits(draft_k, self.vocab_limit, self.dtype)
+            bar = tqdm(total=n, disable=not use_tqdm, desc="generate", unit="req")
+            bar.update(n - len(live))
             while live:
                 for rid, new_tokens, new_sources, _ in self.loop.step():
                     i, sp, decoder = live[rid]
@@ -197,10 +230,11 @@ class Engine:
                     self._finish(outputs[i], rid, sp, decoder, time.perf_counter() - start)
                     bar.update(1)
         except BaseException:
-            self._abort(live)
+            self._abort(added)
             raise
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
         return outputs
 
     def chat(self, conversations, params=None, policy=None, use_tqdm: bool = True, on_tokens=None,
@@ -208,8 +242,9 @@ class Engine:
         """Applies the chat template to each message list, then generates."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer with a chat template; this checkpoint has none")
-        if conversations and isinstance(conversations[0], dict):
+        if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
+        _check_conversations(conversations)
         prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True,
                                                       **chat_template_kwargs) for c in conversations]
         outs = self.generate([self.tokenizer.encode(p, add_special_tokens=False) for p in prompts], params,
@@ -231,23 +266,66 @@ class Engine:
             if decoder is not None:
                 out.text = _cut_at_stop(out.text, params.stop_strings)
 
-    def _abort(self, live: dict) -> None:
-        """After a failure mid-batch: finish every live request and wait for in-flight steps, so that no
-        block stays allocated."""
-        for rid in live:
-            self.sched.abort(rid)
+    def _abort(self, ids) -> None:
+        """After a failure during admission or mid-batch: finish every request of the call that is still in
+        the scheduler and wait for in-flight steps, so that no block stays allocated and no request waits."""
+        for rid in ids:
+            try:
+                self.sched.abort(rid)
+            except IndexError:  # refused at admission, or already released
+                pass
         self.loop.drain()
-        for rid in self.sched.take_finished():
-            self.sched.release(rid)
+        self.sched.take_finished()
+        for rid in ids:
+            try:
+                self.sched.release(rid)
+            except IndexError:
+                pass
+
+
+def _prompt_list(prompts) -> list:
+    """The prompts of a generate call: one prompt (a string or a list of token ids) or a list of them."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string, a list of token ids, or a list of prompts, got "
+                        f"{type(prompts).__name__}")
+    if prompts and isinstance(prompts[0], int) and not isinstance(prompts[0], bool):
+        return [prompts]
+    return list(prompts)
+
+
+def _check_conversations(conversations) -> None:
+    """chat(): a list of conversations, each a list of {"role": str, "content": str, ...} messages."""
+    if not isinstance(conversations, (list, tuple)):
+        raise ValueError(f"chat needs a list of messages or a list of conversations, got "
+                         f"{type(conversations).__name__}")
+    for c, conv in enumerate(conversations):
+        if not isinstance(conv, (list, tuple)) or not conv:
+            raise ValueError(f"conversation {c} must be a non-empty list of messages, got {conv!r:.80}")
+        for m, msg in enumerate(conv):
+            if not isinstance(msg, dict):
+                raise ValueError(f"conversation {c}, message {m}: a message is a dict with 'role' and 'content', "
+                                 f"got {type(msg).__name__}")
+            for key in ("role", "content"):
+                if not isinstance(msg.get(key), str):
+                    raise ValueError(f"conversation {c}, message {m}: {key!r} must be a string, got "
+                                     f"{msg.get(key)!r:.80}" if key in msg else
+                                     f"conversation {c}, message {m}: missing {key!r}")
 
 
 def _per_request(value, n: int, what: str, kind):
     if isinstance(value, kind):
         return [value] * n
-    values = list(value)
-    if len(values) != n or not all(isinstance(v, kind) for v in values):
-        raise ValueError(f"{what} must be one {kind.__name__} or a list of {n}")
-    return values
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{what} must be one {kind.__name__} or a list of {n}, got {type(value).__name__}")
+    if len(value) != n:
+        raise ValueError(f"{what} must be one {kind.__name__} or a list of {n}, got a list of {len(value)}")
+    bad = next((v for v in value if not isinstance(v, kind)), None)
+    if bad is not None:
+        raise ValueError(f"{what} must be one {kind.__name__} or a list of {n}, got an item of type "
+                         f"{type(bad).__name__}")
+    return list(value)
 
 
 def _hits_stop(decoder: IncrementalDecoder, new_tokens: list[int], stops: tuple[str, ...]) -> bool:

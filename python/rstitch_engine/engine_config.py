@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
+from .protocol import INT32_MAX
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 KERNELS = ("triton", "torch")
-INT32_MAX = 2**31 - 1  # the C++ scheduler's integers
 CUDA_RESERVE_BYTES = 2 * 2**30  # left free beside the KV pools on CUDA: activations and graph pools
 CPU_KV_BUDGET_BYTES = 2**30  # the KV budget on the CPU when kv_cache_gb is not given
 

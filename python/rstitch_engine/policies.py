@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .protocol import LLM, SLM
+from .protocol import INT32_MAX, LLM, SLM
 
 INF = math.inf
 
@@ -49,6 +49,13 @@ class LLMOnly(Policy):
         spec.start_model, spec.tau_down = LLM, -INF
 
 
+def _count(value, what: str, low: int = 1) -> int:
+    """An integer field of a policy that goes to the scheduler: in [low, 2**31 - 1]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT32_MAX:
+        raise ValueError(f"{what} must be an integer in [{low}, 2**31 - 1], got {value!r}")
+    return value
+
+
 def _threshold(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"{what} must be a number, got {value!r}")
@@ -70,11 +77,10 @@ class RStitch(Policy):
         _threshold(self.tau, "tau")
         if self.tau_down is not None:
             _threshold(self.tau_down, "tau_down")
-        if self.handover_after is not None and (not isinstance(self.handover_after, int) or self.handover_after < 1):
-            raise ValueError(f"handover_after must be a positive integer or None, got {self.handover_after!r}")
-        if self.min_llm_run is not None and (not isinstance(self.min_llm_run, int) or isinstance(self.min_llm_run, bool)
-                                             or not 1 <= self.min_llm_run < 2**31):
-            raise ValueError(f"min_llm_run must be a positive integer or None, got {self.min_llm_run!r}")
+        if self.handover_after is not None:
+            _count(self.handover_after, "handover_after")
+        if self.min_llm_run is not None:
+            _count(self.min_llm_run, "min_llm_run")
         if self.min_llm_run is not None and self.handover_after is not None:
             raise ValueError("give handover_after or min_llm_run, not both")
 
@@ -105,12 +111,26 @@ class Forced(Policy):
     def __post_init__(self):
         if (self.pattern is None) == (self.llm_share is None):
             raise ValueError("Forced needs exactly one of pattern or llm_share")
-        if self.llm_share is not None and not 0.0 <= self.llm_share <= 1.0:
+        if self.llm_share is not None and (isinstance(self.llm_share, bool) or not isinstance(
+                self.llm_share, (int, float)) or not 0.0 <= self.llm_share <= 1.0):
             raise ValueError(f"llm_share must be in [0, 1], got {self.llm_share!r}")
-        if self.mean_run < 1:
-            raise ValueError(f"mean_run must be >= 1, got {self.mean_run!r}")
-        if self.pattern is not None and not isinstance(self.pattern, str):
-            object.__setattr__(self, "pattern", tuple(int(p) for p in self.pattern))
+        if isinstance(self.mean_run, bool) or not isinstance(self.mean_run, (int, float)) \
+                or not 1 <= self.mean_run < INF:
+            raise ValueError(f"mean_run must be a finite number >= 1, got {self.mean_run!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"Forced seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
+        if isinstance(self.pattern, str):
+            _pattern_ranges(self.pattern)  # a bad pattern fails here, not when a request is admitted
+        elif self.pattern is not None:
+            try:
+                items = tuple(self.pattern)
+            except TypeError:
+                raise ValueError(f"Forced pattern must be a string like '40-47,130' or an iterable of output "
+                                 f"positions, got {type(self.pattern).__name__}") from None
+            bad = [p for p in items if isinstance(p, bool) or not isinstance(p, (int, np.integer))]
+            if bad:
+                raise ValueError(f"Forced pattern positions must be integers, got {bad[0]!r}")
+            object.__setattr__(self, "pattern", tuple(int(p) for p in items))
 
     @classmethod
     def periodic(cls, llm_share: float, run: int, length: int) -> "Forced":
@@ -137,12 +157,7 @@ class Forced(Policy):
         """uint8[length]: 1 where the LLM produces that output position."""
         mask = np.zeros(length, dtype=np.uint8)
         if isinstance(self.pattern, str):
-            for part in filter(None, (p.strip() for p in self.pattern.split(","))):
-                lo, _, hi = part.partition("-")
-                try:
-                    a, b = int(lo), int(hi or lo)
-                except ValueError:
-                    raise ValueError(f"bad forced pattern item {part!r}; use e.g. '40-47,130'") from None
+            for a, b in _pattern_ranges(self.pattern):
                 mask[max(a, 0):max(b + 1, 0)] = 1
         elif self.pattern is not None:
             idx = np.asarray([p for p in self.pattern if 0 <= p < length], dtype=np.int64)
@@ -163,6 +178,18 @@ class Forced(Policy):
         spec.forced = self.llm_positions(max_tokens).tolist()
 
 
+def _pattern_ranges(pattern: str) -> list[tuple[int, int]]:
+    """'40-47,130' -> [(40, 47), (130, 130)] (inclusive output positions)."""
+    ranges = []
+    for part in filter(None, (p.strip() for p in pattern.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
+            ranges.append((int(lo), int(hi or lo)))
+        except ValueError:
+            raise ValueError(f"bad forced pattern item {part!r}; use e.g. '40-47,130'") from None
+    return ranges
+
+
 @dataclass(frozen=True)
 class SpecDecode(Policy):
     """Speculative decoding: the SLM drafts k tokens, the LLM verifies k + 1 in one extend; greedy keeps the
@@ -172,9 +199,9 @@ class SpecDecode(Policy):
     accept_rate: float | None = None
 
     def __post_init__(self):
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be a positive integer, got {self.k!r}")
-        if self.accept_rate is not None and not 0.0 <= self.accept_rate <= 1.0:
+        _count(self.k, "k")
+        if self.accept_rate is not None and (isinstance(self.accept_rate, bool) or not isinstance(
+                self.accept_rate, (int, float)) or not 0.0 <= self.accept_rate <= 1.0):
             raise ValueError(f"accept_rate must be in [0, 1], got {self.accept_rate!r}")
 
     @property

@@ -10,6 +10,8 @@ from enum import IntEnum, IntFlag
 
 from . import _C
 
+INT32_MAX = 2**31 - 1  # the scheduler's integers (ids, counts, lengths, seeds' stream keys)
+
 
 class Model(IntEnum):
     SLM = 0

@@ -248,3 +248,32 @@ def test_sampling_distribution_many_seeds(top_k, top_p):
 @pytest.mark.parametrize("is_llm", [0, 1])
 def test_real_shapes_cuda(n_rows, is_llm):
     check_matches_ref(make_args(n_rows, 152064, 151936, torch.bfloat16, seed=n_rows), is_llm)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_tiny_temperatures_are_greedy(num_splits):
+    """T below GREEDY_TEMPERATURE (1e-5) is greedy in the kernel, its reference and the cutoff: logits / T
+    overflows float32 for tiny T (1e-39 is a denormal whose inverse is inf)."""
+    args = make_args(6, 4099, 4000, torch.float32, seed=8)
+    args["temperature"] = torch.tensor([1e-39, 1e-30, 1e-20, 9e-6, 1e-39, 0.0], device=DEVICE)
+    args["cutoff"] = sampling_cutoff(args["logits"], args["temperature"], cycle([0, 5], 6, torch.int32),
+                                     cycle([1.0, 0.5], 6, torch.float32), 4000)
+    assert (args["cutoff"] == float("-inf")).all(), "greedy rows have no cutoff"
+    greedy = args["logits"][:, :4000].float().argmax(-1).int()
+    tokens, _, flags = check_matches_ref(args, 0, num_splits)
+    assert torch.equal(tokens, greedy) and not (flags & 4).any()
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_nonfinite_rows_are_flagged_whatever_their_logits(num_splits):
+    """`nonfinite[row]` (the runner's check of hidden states and attention inputs) flags a row NAN even
+    when its logits are finite, on the Triton path and the reference alike."""
+    args = make_args(4, 4099, 4099, torch.float32, seed=9)
+    nonfinite = torch.tensor([False, True, False, True], device=DEVICE)
+    tokens, entropy, flags = run_poisoned(args, 1, num_splits=num_splits, nonfinite=nonfinite)
+    ref = stitch_step_ref(**args, is_llm=1, nonfinite=nonfinite)
+    clean = stitch_step_ref(**args, is_llm=1)
+    assert tokens[[1, 3]].tolist() == [-1, -1] and flags[[1, 3]].tolist() == [4, 4]
+    assert entropy[[1, 3]].isnan().all()
+    assert torch.equal(tokens, ref[0]) and torch.equal(flags, ref[2])
+    assert torch.equal(tokens[[0, 2]], clean[0][[0, 2]]) and torch.equal(flags[[0, 2]], clean[2][[0, 2]])

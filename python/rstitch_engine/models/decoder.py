@@ -37,8 +37,15 @@ class ModelWeights:
 
 
 def forward(cfg: ModelConfig, w: ModelWeights, ops, input_ids: torch.Tensor, positions: torch.Tensor,
-            kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta, cos_sin: torch.Tensor) -> torch.Tensor:
+            kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta, cos_sin: torch.Tensor,
+            check: torch.Tensor | None = None) -> torch.Tensor:
     """Hidden states after the final norm, [T, hidden]; K/V of the new tokens are stored at meta.slot_mapping.
+
+    `check` ([T] float32, optional) accumulates, per token, the float32 sum of every layer's q/k/v (the
+    attention inputs) and of the final hidden state: non-finite exactly when one of them held a NaN or an
+    inf (for finite values it would need magnitudes near 1e34 to overflow). It is read after the forward,
+    on the device, so that NaN is detected whatever an attention backend makes of a NaN query or key
+    (torch's CPU SDPA and the reference's nan_to_num return zeros, which would keep the logits finite).
 
     Per layer: norm + qkv, (q/k norm,) rope + KV store, attention, o_proj, norm + gate_up, SwiGLU + down.
     NOTE: o_proj and down outputs join the residual stream where it is next normalised (post-attention
@@ -49,6 +56,8 @@ def forward(cfg: ModelConfig, w: ModelWeights, ops, input_ids: torch.Tensor, pos
     residual = None
     for lw, (k_cache, v_cache) in zip(w.layers, kv_caches):
         qkv, residual = ops.norm_linear(h, residual, lw.input_norm, lw.qkv, lw.qkv_bias, eps)
+        if check is not None:
+            check.add_(qkv.sum(-1, dtype=torch.float32))
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         if cfg.qk_norm:
             q = ops.rms_norm(q.reshape(-1, D), lw.q_norm, eps)
@@ -60,5 +69,7 @@ def forward(cfg: ModelConfig, w: ModelWeights, ops, input_ids: torch.Tensor, pos
         gate_up, residual = ops.norm_linear(h, residual, lw.post_norm, lw.gate_up, None, eps)
         h = ops.silu_mul_linear(gate_up, lw.down)
     out, _ = ops.rms_norm(h, w.norm, eps, residual)
+    if check is not None:
+        check.add_(out.sum(-1, dtype=torch.float32))
     return out
 
