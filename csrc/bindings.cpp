@@ -181,7 +181,7 @@ PYBIND11_MODULE(_C, m) {
              for (auto& e : events) {
                const char* f = finish_name(e.finish);
                out.append(py::make_tuple(e.id, py::cast(e.new_tokens), py::cast(e.new_sources),
-                                         f ? py::str(f) : py::object(py::none())));
+                                         py::cast(e.new_entropies), f ? py::str(f) : py::object(py::none())));
              }
              return out;
            })
@@ -206,5 +206,6 @@ PYBIND11_MODULE(_C, m) {
              return d;
            })
       .def("release", &Scheduler::release)
-      .def("take_finished", &Scheduler::take_finished);
+      .def("take_finished", &Scheduler::take_finished)
+      .def("take_started", &Scheduler::take_started);
 }

@@ -99,6 +99,12 @@ std::vector<int64_t> Scheduler::take_finished() {
   return out;
 }
 
+std::vector<int64_t> Scheduler::take_started() {
+  std::vector<int64_t> out;
+  out.swap(started_);
+  return out;
+}
+
 void Scheduler::end(Request& r, Finish why, const std::string& error) {
   if (r.phase == Phase::kRunning) {
     running_.erase(std::find(running_.begin(), running_.end(), &r));
@@ -395,6 +401,8 @@ int32_t Scheduler::plan(int64_t step, std::array<PlanBuffers, 2> bufs, int32_t* 
     const int32_t reserve = running_.empty() ? 0 : cfg_.watermark_blocks;
     if (blocks_.blocks_for(first_end) + reserve > blocks_.num_free()) break;
     waiting_.pop_front();
+    if (!r.started) started_.push_back(r.spec.id);
+    r.started = true;
     admit(r);
     schedule(r, step, sub, rec);
   }
@@ -423,6 +431,7 @@ bool Scheduler::emit(Request& r, int32_t token, int32_t source, float entropy, E
   if (source == kLLM) r.last_llm_out = r.n_out() - 1;
   ev.new_tokens.push_back(token);
   ev.new_sources.push_back(source);
+  ev.new_entropies.push_back(entropy);
   const auto& stops = r.spec.stop_ids;
   if (r.n_out() >= r.spec.min_tokens &&
       std::find(stops.begin(), stops.end(), token) != stops.end()) {
@@ -435,7 +444,7 @@ bool Scheduler::emit(Request& r, int32_t token, int32_t source, float entropy, E
 
 void Scheduler::apply(Request& r, const Dispatch& d, const Results& res, int64_t row,
                       std::vector<Event>& events) {
-  Event ev{r.spec.id, {}, {}, Finish::kNone};
+  Event ev{r.spec.id, {}, {}, {}, Finish::kNone};
   r.trace.push_back({d.model, d.end - d.start, d.start});
   auto nan_error = [&](int64_t at) {
     end(r, Finish::kError,

@@ -112,6 +112,7 @@ struct Request {
   std::vector<float> entropies;
   std::vector<int32_t> routed;   // output indices the R-Stitch+ router decided (SLM H > tau_up)
   int32_t active = kSLM;
+  bool started = false;                 // admitted to running at least once
   std::array<int32_t, 2> filled{0, 0};  // KV length per model once the dispatched steps have run
   int32_t vlen = 0;                     // sequence length once in-flight tokens are kept
   int32_t llm_run = 0, vllm_run = 0;    // tokens of the LLM's current run: committed / with in-flight
@@ -135,6 +136,7 @@ struct Event {
   int64_t id;
   std::vector<int32_t> new_tokens;
   std::vector<int32_t> new_sources;
+  std::vector<float> new_entropies;
   Finish finish;
 };
 
@@ -176,6 +178,8 @@ class Scheduler {
   const Request& request(int64_t id) const;
   void release(int64_t id);  // forgets a finished request
   std::vector<int64_t> take_finished();
+  // Requests admitted to running for the first time since the last call (queue-time metrics).
+  std::vector<int64_t> take_started();
 
   int64_t planned_steps() const { return planned_steps_; }
 
@@ -222,6 +226,7 @@ class Scheduler {
   std::vector<int32_t> free_slots_;
   std::unordered_map<int64_t, StepRecord> steps_;
   std::vector<int64_t> finished_;
+  std::vector<int64_t> started_;
   int32_t* table_updates_ = nullptr;
   int64_t num_table_updates_ = 0;
   int64_t planned_steps_ = 0;

@@ -16,7 +16,8 @@ from rstitch_engine.cli import build_parser, main
 from rstitch_engine.cli_args import HelpFormatter, choose_threads, cut_note
 
 PACKAGE = Path(rstitch_engine.__file__).parent
-COMMANDS = ("generate", "bench", "make-tiny", "demo", "eval", "calibrate", "train-router")
+COMMANDS = ("generate", "bench", "serve", "make-tiny", "demo", "eval", "calibrate", "train-router")
+NESTED = ("bench serve",)
 
 
 @pytest.fixture(autouse=True)
@@ -55,14 +56,17 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == set(COMMANDS)
-    return {"rstitch": parser, **sub.choices}
+    nested = {f"{name} {child}": p for name, command in sub.choices.items() for a in command._actions
+              if isinstance(a, argparse._SubParsersAction) for child, p in a.choices.items()}
+    assert set(nested) == set(NESTED)
+    return {"rstitch": parser, **sub.choices, **nested}
 
 
 def _shows_default(action: argparse.Action) -> bool:
     return action.default not in (None, False, argparse.SUPPRESS) and bool(action.option_strings)
 
 
-@pytest.mark.parametrize("command", ("rstitch",) + COMMANDS)
+@pytest.mark.parametrize("command", ("rstitch",) + COMMANDS + NESTED)
 def test_every_option_has_help_and_every_default_is_shown(command):
     parser = _commands()[command]
     formatter = HelpFormatter(parser.prog)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import queue
 import random
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -15,13 +18,13 @@ from tqdm.auto import tqdm
 from . import _C
 from .config import CheckpointError, ModelConfig
 from .engine_config import EngineConfig
-from .detokenize import IncrementalDecoder
 from .loader import load_weights
 from .outputs import RequestOutput
 from .random_models import random_config, random_weights
 from .policies import LLMOnly, Policy, RStitch, RStitchPlus, SLMOnly, SpecDecode
 from .protocol import LLM, SLM, Model
 from .sampling_params import SamplingParams, scheduler_seed
+from .streaming import StreamOutput, TextStream, cut_at_stop
 from .tokenizer import check_same_vocabulary, load_tokenizer
 
 
@@ -63,6 +66,9 @@ class Engine:
         self.sched, self.loop = self.runtime.sched, self.runtime.loop
         self._rng = random.Random(config.seed)
         self._next_id = 0
+        self._lock = threading.RLock()  # the scheduler, the device and the tokenizer: one thread at a time
+        self._live: dict[int, _Live] = {}  # scheduler id -> request
+        self._router_key = None
         self.default_policy: Policy = RStitch() if len(self.paths) == 2 else (
             LLMOnly() if LLM in self.paths else SLMOnly())
 
@@ -153,12 +159,20 @@ class Engine:
                              f"engine's max_logits_rows of {verify_rows} (EngineConfig)")
 
     def _install_router(self, plus: list) -> None:
-        """Puts the R-Stitch+ router of this call on the SLM's runner (one router per call)."""
+        """Puts the R-Stitch+ router of these requests on the SLM's runner: one router (and router
+        temperature) at a time, replaced only while no R-Stitch+ request is running."""
         if not plus:
             return
-        if len({(id(p.router) if not isinstance(p.router, (str, Path)) else str(p.router), p.temperature)
-                for p in plus}) > 1:
+        keys = {(id(p.router) if not isinstance(p.router, (str, Path)) else str(p.router), p.temperature) for p in plus}
+        if len(keys) > 1:
             raise ValueError("one generate call can use one R-Stitch+ router and router temperature")
+        [key] = keys
+        if any(live.uses_router for live in self._live.values()):
+            if key != self._router_key:
+                raise ValueError("R-Stitch+ requests with another router (or router temperature) are running; "
+                                 "one router is used at a time")
+            return  # the running requests' router serves these too
+        # Installed afresh whenever no R-Stitch+ request runs: a Router object may have been trained since.
         from .router import Router
 
         p = plus[0]
@@ -167,120 +181,199 @@ class Engine:
             raise ValueError(f"the router reads hidden states of size {router.hidden_size}, the SLM's are "
                              f"{self.configs[SLM].hidden_size}")
         self.runtime.runners[SLM].router = router.to(self.device).on_device(p.temperature)
+        self._router_key = key
 
+    # ---- the online core: requests join between steps, one step loop serves every caller ---------------------
+    def add_requests(self, prompts: list, params: list[SamplingParams], policies: list[Policy],
+                     sink: Callable[[StreamOutput], None], *, request_ids: list | None = None,
+                     stream_text: bool = False) -> list[RequestOutput]:
+        """Admits requests to the running batch; all or none (on any exception, KeyboardInterrupt included,
+        those already added are aborted and their blocks released). Returns one RequestOutput each: a
+        request the engine cannot serve is finished already (finish_reason "error"); the others are
+        filled in when they finish. `sink` receives each request's StreamOutputs from whichever thread runs
+        the step (text deltas with `stream_text`); it must be quick and must not raise. Invalid arguments
+        raise ValueError/TypeError before anything is admitted. Thread-safe."""
+        n = len(prompts)
+        request_ids = list(range(n)) if request_ids is None else request_ids
+        for sp in {id(sp): sp for sp in params}.values():
+            sp.validate()  # the fields may have been changed since it was built
+            if sp.stop_strings and self.tokenizer is None:
+                raise ValueError(f"stop strings {list(sp.stop_strings)!r} need a tokenizer, and this checkpoint has "
+                                 f"none: use stop_token_ids")
+        for p in set(policies):
+            self._check_policy(p)
+        with self._lock:
+            encoded = [self._encode(p) for p in prompts]
+            specs = [self._spec(ids, sp, pol) for (_, ids), sp, pol in zip(encoded, params, policies)]
+            self._install_router([p for p in set(policies) if isinstance(p, RStitchPlus)])
+            now = time.monotonic()
+            outputs = [RequestOutput(i, text, ids, request_id=request_ids[i], metrics={"arrival_time": now})
+                       for i, (text, ids) in enumerate(encoded)]
+            added: list[int] = []
+            try:
+                draft_k = 0
+                for spec, sp, pol, out in zip(specs, params, policies, outputs):
+                    error = spec if isinstance(spec, str) else None
+                    if error is None:
+                        added.append(spec.id)
+                        error = self.sched.add(spec)
+                    if error:
+                        out.finish_reason, out.error = "error", error
+                        out.metrics["finished_time"] = now
+                        continue
+                    if spec.spec_k and spec.temperature > 0:
+                        draft_k = max(draft_k, spec.spec_k)
+                    text = TextStream(self.tokenizer, sp.stop_strings, sp.skip_special_tokens) \
+                        if self.tokenizer is not None and (sp.stop_strings or stream_text) else None
+                    self._live[spec.id] = _Live(out, sp, text, sink, isinstance(pol, RStitchPlus))
+                if draft_k:
+                    self.loop.ensure_draft_logits(draft_k, self.vocab_limit, self.dtype)
+            except BaseException:
+                self._abort(added)
+                raise
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._live)
+
+    def step(self) -> None:
+        """Runs one step of the shared loop and delivers what it committed to each request's sink."""
+        with self._lock:
+            started = time.monotonic()
+            self._deliver(self.loop.step(), started)
+
+    def abort_requests(self, outputs: list[RequestOutput]) -> None:
+        """Finishes these requests (the outputs add_requests returned; finish_reason "abort") and returns
+        their blocks at once. Finished ones are skipped. Thread-safe."""
+        wanted = {id(o) for o in outputs}
+        with self._lock:
+            self._abort([rid for rid, live in self._live.items() if id(live.output) in wanted])
+
+    def _deliver(self, events: list, started: float) -> None:
+        now = time.monotonic()
+        for rid in self.sched.take_started():
+            self._live[rid].output.metrics["first_scheduled_time"] = started
+        for rid, tokens, sources, entropies, _ in events:
+            live = self._live[rid]
+            live.output.metrics.setdefault("first_token_time", now)
+            delta = ""
+            if live.text is not None:
+                delta, stopped = live.text.push(tokens)
+                if stopped:
+                    self.sched.finish_stop(rid)
+            live.sink(StreamOutput(live.output.request_id, tokens, sources, entropies, delta, now))
+        for rid in self.sched.take_finished():
+            live = self._live.pop(rid)
+            self._finish(rid, live, now)
+            rest = live.text.finish(live.output.text) if live.text is not None else ""
+            live.sink(StreamOutput(live.output.request_id, text=rest, time=now, output=live.output))
+
+    def _finish(self, rid: int, live: "_Live", now: float) -> None:
+        out, params = live.output, live.params
+        r = self.sched.output(rid)
+        self.sched.release(rid)
+        out.token_ids, out.sources, out.entropies = r["token_ids"], r["sources"], r["entropies"]
+        out.finish_reason, out.error = r["finish_reason"], r["error"] or None
+        out.metrics["finished_time"] = now
+        out.stats = dict(r["stats"], latency_s=now - out.metrics["arrival_time"])
+        out.trace = [tuple(t) for t in r["trace"]]
+        out.routed = r["routed"]
+        if self.tokenizer is not None:
+            out.text = cut_at_stop(self.tokenizer.decode(out.token_ids, skip_special_tokens=params.skip_special_tokens),
+                                   params.stop_strings)
+
+    def _abort(self, ids) -> None:
+        """Finishes these requests and waits for in-flight steps (whose events still reach their requests'
+        sinks), so that no block stays allocated and no request waits. Holds the lock."""
+        for rid in ids:
+            try:
+                self.sched.abort(rid)
+            except IndexError:  # refused at admission, or released already
+                pass
+        self._deliver(self.loop.drain(), time.monotonic())
+
+    # ---- offline: clients of the online core ---------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  policy: Policy | Sequence[Policy] | None = None, use_tqdm: bool = True,
                  on_tokens: Callable[[int, list[int], list[int]], None] | None = None) -> list[RequestOutput]:
         """Runs every prompt (a string or a list of token ids) to completion, batched continuously.
         `params` and `policy` are one for all or one per prompt. `on_tokens(index, token_ids, sources)` is
-        called as tokens are committed (streaming).
+        called as tokens are committed (streaming), in the calling thread.
 
         Errors come in two kinds. Invalid arguments (types, parameter ranges, a policy this engine cannot
         run, stop strings without a tokenizer) raise ValueError/TypeError before any request is admitted.
         A request the engine cannot serve (an empty or too long prompt, a token id outside the vocabulary)
         or one that fails while running (NaN/inf in a model) fails alone: finish_reason "error" and `error`
         say why, and the other requests run. Admission is all-or-nothing: on any exception, KeyboardInterrupt
-        included, every request of the call is aborted and its blocks are released."""
+        included, every request of the call is aborted and its blocks are released.
+
+        Thread-safe: calls from several threads (and an AsyncEngine on this engine) share one batch; each
+        step runs under the engine's lock, and each call returns its own requests' outputs."""
         prompts = _prompt_list(prompts)
         n = len(prompts)
         params_list = _per_request(params if params is not None else SamplingParams(), n, "params", SamplingParams)
         policy_list = _per_request(policy if policy is not None else self.default_policy, n, "policy", Policy)
-        for sp in {id(sp): sp for sp in params_list}.values():
-            sp.validate()  # the fields may have been changed since it was built
-            if sp.stop_strings and self.tokenizer is None:
-                raise ValueError(f"stop strings {list(sp.stop_strings)!r} need a tokenizer, and this checkpoint has "
-                                 f"none: use stop_token_ids")
-        for p in set(policy_list):
-            self._check_policy(p)
-        encoded = [self._encode(p) for p in prompts]
-        specs = [self._spec(ids, sp, pol) for (_, ids), sp, pol in zip(encoded, params_list, policy_list)]
-        self._install_router([p for p in set(policy_list) if isinstance(p, RStitchPlus)])
-        start = time.perf_counter()
-        outputs: list[RequestOutput] = [RequestOutput(i, text, ids) for i, (text, ids) in enumerate(encoded)]
-        live: dict[int, tuple[int, SamplingParams, IncrementalDecoder | None]] = {}
-        added: list[int] = []  # ids that may be in the scheduler: all undone on any failure
-        bar = None
+        committed = queue.SimpleQueue()
+        outputs = self.add_requests(prompts, params_list, policy_list, committed.put)
+        pending = {o.index for o in outputs if o.finish_reason is None}
+        bar = tqdm(total=n, disable=not use_tqdm, desc="generate", unit="req")
+        bar.update(n - len(pending))
         try:
-            draft_k = 0
-            for i, (spec, sp) in enumerate(zip(specs, params_list)):
-                error = spec if isinstance(spec, str) else None
-                if error is None:
-                    added.append(spec.id)
-                    error = self.sched.add(spec)
-                if error:
-                    outputs[i].finish_reason, outputs[i].error = "error", error
-                    continue
-                if spec.spec_k and spec.temperature > 0:
-                    draft_k = max(draft_k, spec.spec_k)
-                decoder = IncrementalDecoder(self.tokenizer, sp.skip_special_tokens) if sp.stop_strings else None
-                live[spec.id] = (i, sp, decoder)
-            if draft_k:
-                self.loop.ensure_draft_logits(draft_k, self.vocab_limit, self.dtype)
-            bar = tqdm(total=n, disable=not use_tqdm, desc="generate", unit="req")
-            bar.update(n - len(live))
-            while live:
-                for rid, new_tokens, new_sources, _ in self.loop.step():
-                    i, sp, decoder = live[rid]
-                    if on_tokens:
-                        on_tokens(i, new_tokens, new_sources)
-                    if decoder is not None and _hits_stop(decoder, new_tokens, sp.stop_strings):
-                        self.sched.finish_stop(rid)
-                for rid in self.sched.take_finished():
-                    i, sp, decoder = live.pop(rid)
-                    self._finish(outputs[i], rid, sp, decoder, time.perf_counter() - start)
-                    bar.update(1)
+            while pending:
+                self.step()
+                while not committed.empty():
+                    out = committed.get()
+                    if on_tokens and out.token_ids:
+                        on_tokens(out.request_id, out.token_ids, out.sources)
+                    if out.finished:
+                        pending.discard(out.request_id)
+                        bar.update(1)
         except BaseException:
-            self._abort(added)
+            self.abort_requests(outputs)
             raise
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         return outputs
 
     def chat(self, conversations, params=None, policy=None, use_tqdm: bool = True, on_tokens=None,
              **chat_template_kwargs) -> list[RequestOutput]:
         """Applies the chat template to each message list, then generates."""
+        prompts = self.chat_prompts(conversations, **chat_template_kwargs)
+        outs = self.generate([self.tokenize(p, add_special_tokens=False) for p in prompts], params, policy,
+                             use_tqdm, on_tokens)
+        for o, p in zip(outs, prompts):
+            o.prompt = p
+        return outs
+
+    def chat_prompts(self, conversations, **chat_template_kwargs) -> list[str]:
+        """The prompt text of each conversation (a list of {"role", "content"} messages) under the chat
+        template, ready for generation. One conversation may be given as its message list."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer with a chat template; this checkpoint has none")
         if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         _check_conversations(conversations)
-        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True,
-                                                      **chat_template_kwargs) for c in conversations]
-        outs = self.generate([self.tokenizer.encode(p, add_special_tokens=False) for p in prompts], params,
-                             policy, use_tqdm, on_tokens)
-        for o, p in zip(outs, prompts):
-            o.prompt = p
-        return outs
+        with self._lock:  # the tokenizer is not used from two threads at once
+            return [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True,
+                                                       **chat_template_kwargs) for c in conversations]
 
-    def _finish(self, out: RequestOutput, rid: int, params: SamplingParams, decoder, elapsed: float) -> None:
-        r = self.sched.output(rid)
-        self.sched.release(rid)
-        out.token_ids, out.sources, out.entropies = r["token_ids"], r["sources"], r["entropies"]
-        out.finish_reason, out.error = r["finish_reason"], r["error"] or None
-        out.stats = dict(r["stats"], latency_s=elapsed)
-        out.trace = [tuple(t) for t in r["trace"]]
-        out.routed = r["routed"]
-        if self.tokenizer is not None:
-            out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=params.skip_special_tokens)
-            if decoder is not None:
-                out.text = _cut_at_stop(out.text, params.stop_strings)
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (chat prompts: add_special_tokens=False, the template has them). Thread-safe."""
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer: pass prompts as lists of token ids")
+        with self._lock:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def _abort(self, ids) -> None:
-        """After a failure during admission or mid-batch: finish every request of the call that is still in
-        the scheduler and wait for in-flight steps, so that no block stays allocated and no request waits."""
-        for rid in ids:
-            try:
-                self.sched.abort(rid)
-            except IndexError:  # refused at admission, or already released
-                pass
-        self.loop.drain()
-        self.sched.take_finished()
-        for rid in ids:
-            try:
-                self.sched.release(rid)
-            except IndexError:
-                pass
+
+@dataclass
+class _Live:
+    """A request in the scheduler: its output (filled in when it finishes), parameters, text stream (stop
+    strings, text deltas) and where its StreamOutputs go."""
+    output: RequestOutput
+    params: SamplingParams
+    text: TextStream | None
+    sink: Callable[[StreamOutput], None]
+    uses_router: bool
 
 
 def _prompt_list(prompts) -> list:
@@ -326,15 +419,3 @@ def _per_request(value, n: int, what: str, kind):
         raise ValueError(f"{what} must be one {kind.__name__} or a list of {n}, got an item of type "
                          f"{type(bad).__name__}")
     return list(value)
-
-
-def _hits_stop(decoder: IncrementalDecoder, new_tokens: list[int], stops: tuple[str, ...]) -> bool:
-    tail = len(decoder.text)
-    decoder.push(new_tokens)
-    window = decoder.text[max(0, tail - max(map(len, stops)) + 1):]
-    return any(s in window for s in stops)
-
-
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[:min(cuts)] if cuts else text

@@ -188,6 +188,24 @@ def cmd_bench(args) -> None:
         print(f"wrote {out}/bench.json, bench.md, bench.png")
 
 
+def cmd_serve(args) -> None:
+    from .serving.app import ServerConfig
+    from .serving.server import serve
+
+    engine = make_engine(args, max_num_seqs=args.max_num_seqs)
+    policy = chosen_policy(args, engine)
+    name = args.served_model_name or str(args.llm or args.slm)
+    print(f"serving {name!r} with policy {policy.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(engine, ServerConfig(name, policy, max_waiting=args.max_waiting, router=args.router), host=args.host,
+          port=args.port, log_level=args.log_level)
+
+
+def cmd_bench_serve(args) -> None:
+    from .serving.bench_serve import run_from_args
+
+    run_from_args(args)
+
+
 def cmd_make_tiny(args) -> None:
     from .tiny import make_tiny
 
@@ -240,6 +258,40 @@ def build_parser() -> argparse.ArgumentParser:
     engine_args(p)
     sampling_args(p, max_tokens=256)
     p.set_defaults(func=cmd_bench)
+    from .serving.bench_serve import add_arguments as bench_serve_arguments
+
+    q = p.add_subparsers(dest="bench_command", metavar="serve",
+                         help="bench serve: load an HTTP server instead (rstitch bench serve --help)").add_parser(
+        "serve", formatter_class=HelpFormatter, help="load a running server (or one started here) with concurrent streaming requests",
+        description="A client-side load generator, as vllm bench serve: fixed --concurrency or Poisson "
+                    "arrivals at --request-rate, prompts from --problems or --synthetic N, a mix of "
+                    "per-request policies. Reports TTFT, TPOT, ITL, E2EL (mean, median, p90, p99), request "
+                    "and output-token throughput, goodput, LLM share and switches. Against --base-url, or "
+                    "with --slm/--llm it starts a server in this process on the loopback and also times "
+                    "offline generate on the same prompts (the server's overhead).")
+    bench_serve_arguments(q)
+    engine_args(q, demo_pair=True)
+    q.set_defaults(func=cmd_bench_serve)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (completions, chat, metrics)",
+                       description="Serves the models over HTTP as vLLM does: POST /v1/completions, POST "
+                                   "/v1/chat/completions (streamed or not), GET /v1/models, /health, /metrics. "
+                                   "Each request may choose its routing with a \"rstitch\" body field (README, "
+                                   "'Serving'); --policy is the default.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--served-model-name", metavar="NAME", help="the model name clients use (default: --llm, "
+                                                               "else --slm)")
+    p.add_argument("--max-waiting", type=int, metavar="N", help="answer 503 with Retry-After once N requests "
+                                                                "wait (default: no limit)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch at once")
+    p.add_argument("--router", help="R-Stitch+ router file (rstitch train-router) for requests with "
+                                    "\"rstitch\": {\"policy\": \"rstitch+\"}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's log level")
+    engine_args(p)
+    policy_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint with a small tokenizer",
                        description="Writes a tiny random HF checkpoint (config.json, model.safetensors, a small "

@@ -18,3 +18,7 @@ class RequestOutput:
     error: str | None = None
     trace: list[tuple[int, int, int]] = field(default_factory=list)  # (model, new tokens, cached tokens) per forward
     routed: list[int] = field(default_factory=list)  # output indices the R-Stitch+ router decided (scheduler)
+    request_id: str | int | None = None
+    # time.monotonic() stamps, as vLLM's RequestMetrics: arrival_time, first_scheduled_time (admitted to a
+    # sequence slot), first_token_time, finished_time
+    metrics: dict = field(default_factory=dict)

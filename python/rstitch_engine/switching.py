@@ -63,3 +63,13 @@ def switching_stats(outputs, forwards=None) -> dict:
     return {"switches_per_1k": 1000 * switches / tokens if tokens else 0.0,
             "llm_runs": _distribution(runs[Model.LLM]), "slm_runs": _distribution(runs[Model.SLM]),
             "forwards": per_kind}
+
+
+def catchup_tokens(output) -> dict[Model, int]:
+    """Per model, the output positions it fed in multi-token forwards (`output.trace`): catch-up extends
+    after a switch and speculative verifies, without the prompt's prefill."""
+    n_prompt, counts = len(output.prompt_token_ids), {m: 0 for m in Model}
+    for model, new, start in output.trace:
+        if new > 1:
+            counts[Model(model)] += max(0, start + new - max(start, n_prompt))
+    return counts

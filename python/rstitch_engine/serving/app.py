@@ -1,0 +1,295 @@
+"""The OpenAI-compatible HTTP server (FastAPI) over an AsyncEngine: /v1/completions, /v1/chat/completions
+(streamed as server-sent events or not), /v1/models, /health, /metrics. Conventions: serving.md; the
+request fields: serving/protocol.py.
+
+Beyond OpenAI: the `rstitch` body field routes each request, and every response carries its routing
+statistics ("rstitch": LLM share, switches, catch-up and draft counts) beside `usage`; with
+`"return_sources": true` the choices and chunks also carry per-token `sources` (0 SLM, 1 LLM) and entropies.
+
+Status codes: 400 for invalid input (named), 404 for an unknown model, 503 with Retry-After when
+`max_waiting` requests already wait or the step loop has failed; a request whose model produced NaN/inf
+(a server-side failure, not bad input) is a 500 or, once streaming, an error event.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..async_engine import AsyncEngine, EngineDeadError, RequestRejected
+from ..outputs import RequestOutput
+from ..policies import Policy
+from .metrics import ServerMetrics
+from .protocol import APIError, ParsedRequest, parse_request
+
+ROUTING_STATS = ("slm_tokens", "llm_tokens", "switches_to_llm", "switches_to_slm", "discarded_slm_tokens",
+                 "extend_tokens_llm", "extend_tokens_slm", "drafted", "accepted")
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    default_policy: Policy
+    max_waiting: int | None = None  # 503 once this many requests wait (None: no limit)
+    router: str | None = None       # the R-Stitch+ router file requests may use
+
+
+def routing_stats(outputs: list[RequestOutput]) -> dict:
+    """The `rstitch` field of a response: counts summed over its choices, and the LLM's token share."""
+    stats = {k: sum(o.stats.get(k, 0) for o in outputs) for k in ROUTING_STATS}
+    produced = stats["slm_tokens"] + stats["llm_tokens"]
+    stats["llm_share"] = stats["llm_tokens"] / produced if produced else 0.0
+    return stats
+
+
+def usage(prompt_tokens: int, outputs: list[RequestOutput] | None = None, completion_tokens: int | None = None) -> dict:
+    completion = completion_tokens if completion_tokens is not None else sum(len(o.token_ids) for o in outputs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def build_app(online: AsyncEngine, config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="rstitch-engine", docs_url=None, redoc_url=None)
+    metrics = ServerMetrics(config.model_name, online)
+    online.listeners.append(metrics.observe)
+    app.state.online, app.state.metrics = online, metrics
+    engine = online.engine
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):  # logged by uvicorn; the client gets the shape
+        return JSONResponse(APIError(f"internal error: {type(e).__name__}: {e}", status=500,
+                                     type="InternalServerError").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        if online.healthy:
+            return Response(status_code=200)
+        return JSONResponse(APIError(f"the engine's step loop failed: {online.error!r}", status=503,
+                                     type="ServiceUnavailableError").body(), status_code=503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "rstitch-engine", "max_model_len": engine.max_model_len}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _serve(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _serve(request, chat=True)
+
+    async def _serve(request: Request, chat: bool):
+        try:
+            parsed = parse_request(await _json(request), chat=chat, router=config.router,
+                                   max_model_len=engine.max_model_len)
+            if parsed.model is not None and parsed.model != config.model_name:
+                raise APIError(f"the model {parsed.model!r} does not exist; this server serves "
+                               f"{config.model_name!r}", status=404, param="model", type="NotFoundError")
+            if not online.healthy:
+                raise APIError(f"the engine's step loop failed: {online.error!r}", status=503,
+                               type="ServiceUnavailableError")
+            if config.max_waiting is not None and online.num_waiting >= config.max_waiting:
+                raise APIError(f"{online.num_waiting} requests are waiting already (--max-waiting "
+                               f"{config.max_waiting}); retry later", status=503, type="ServiceUnavailableError",
+                               headers={"Retry-After": str(RETRY_AFTER_S)})
+            prompts = await asyncio.to_thread(_prompt_ids, engine, parsed, chat)
+            requests = await _admit(online, parsed, prompts, param="messages" if chat else "prompt")
+        except APIError as e:
+            return error_response(e)
+        call = _Call(parsed, chat, config.model_name, prompts, requests)
+        if parsed.stream:
+            return StreamingResponse(call.events(), media_type="text/event-stream")
+        return await call.complete(request)
+
+    return app
+
+
+async def _json(request: Request):
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(f"the request body is not valid JSON: {e}") from None
+
+
+def _prompt_ids(engine, parsed: ParsedRequest, chat: bool) -> list[list[int]]:
+    """Token ids per prompt (chat: under the chat template)."""
+    try:
+        if chat:
+            [text] = engine.chat_prompts([parsed.prompts[0]], **parsed.chat_template_kwargs)
+            return [engine.tokenize(text, add_special_tokens=False)]
+        return [engine.tokenize(p) if isinstance(p, str) else list(p) for p in parsed.prompts]
+    except ValueError as e:
+        raise APIError(str(e), param="messages" if chat else "prompt") from None
+    except Exception as e:  # a chat template that fails on these messages (jinja raises its own errors)
+        raise APIError(f"the chat template failed on these messages: {type(e).__name__}: {e}",
+                       param="messages") from None
+
+
+async def _admit(online: AsyncEngine, parsed: ParsedRequest, prompts: list[list[int]], param: str) -> list:
+    """One engine request per choice (prompt i, sample j -> choice i * n + j); all or none."""
+    base = uuid.uuid4().hex
+    admitted = []
+    try:
+        for i, ids in enumerate(prompts):
+            for j, params in enumerate(parsed.params):
+                admitted.append(await online.add(ids, params, policy=parsed.policy,
+                                                 request_id=f"{base}-{i * parsed.n + j}"))
+    except BaseException as e:
+        for r in admitted:
+            r.abort()
+        if isinstance(e, (RequestRejected, ValueError, TypeError)):
+            raise APIError(str(e), param=param) from None
+        if isinstance(e, EngineDeadError):
+            raise APIError(str(e), status=503, type="ServiceUnavailableError") from None
+        raise
+    return admitted
+
+
+class _Call:
+    """One HTTP request's choices: collected into one response, or streamed as SSE chunks."""
+
+    def __init__(self, parsed: ParsedRequest, chat: bool, model: str, prompts: list[list[int]], requests: list):
+        self.parsed, self.chat, self.model, self.requests = parsed, chat, model, requests
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.id = ("chatcmpl-" if chat else "cmpl-") + requests[0].request_id.partition("-")[0]
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _abort(self) -> None:
+        for r in self.requests:
+            r.abort()
+
+    async def _pump(self, index: int, request, sink: asyncio.Queue) -> None:
+        """Moves one choice's outputs into the call's queue."""
+        try:
+            async for out in request:
+                await sink.put((index, out))
+        except EngineDeadError as e:
+            await sink.put((index, e))
+
+    async def _outputs(self):
+        """(choice index, StreamOutput or EngineDeadError) as they come, over every choice."""
+        sink: asyncio.Queue = asyncio.Queue()
+        pumps = [asyncio.create_task(self._pump(i, r, sink)) for i, r in enumerate(self.requests)]
+        try:
+            left = len(pumps)
+            while left:
+                index, out = await sink.get()
+                left -= isinstance(out, EngineDeadError) or out.finished
+                yield index, out
+        finally:
+            for p in pumps:
+                p.cancel()
+            self._abort()
+
+    def _choice(self, index: int, out: RequestOutput) -> dict:
+        choice = {"index": index, "logprobs": None, "finish_reason": out.finish_reason}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": out.text}
+        else:
+            choice["text"] = out.text
+        if self.parsed.return_sources:
+            choice["sources"], choice["entropies"] = out.sources, out.entropies
+        return choice
+
+    async def complete(self, request: Request):
+        """The whole response; the requests are aborted if the client disconnects first."""
+        async def collect():
+            finals = {}
+            async for index, out in self._outputs():
+                if isinstance(out, EngineDeadError):
+                    raise out
+                if out.finished:
+                    finals[index] = out.output
+            return [finals[i] for i in range(len(self.requests))]
+
+        collecting = asyncio.create_task(collect())
+        disconnect = asyncio.create_task(_disconnected(request))
+        await asyncio.wait({collecting, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        disconnect.cancel()
+        if not collecting.done():  # the client left: nobody reads the answer
+            collecting.cancel()
+            self._abort()
+            return Response(status_code=499)
+        try:
+            outputs = collecting.result()
+        except EngineDeadError as e:
+            return error_response(APIError(str(e), status=503, type="ServiceUnavailableError"))
+        failed = next((o for o in outputs if o.finish_reason == "error"), None)
+        if failed is not None:
+            return error_response(APIError(f"generation failed: {failed.error}", status=500,
+                                           type="InternalServerError"))
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": [self._choice(i, o) for i, o in enumerate(outputs)],
+                "usage": usage(self.prompt_tokens, outputs), "rstitch": routing_stats(outputs)}
+
+    def _chunk(self, choices: list[dict], **extra) -> str:
+        body = {"id": self.id, "object": self.object + ".chunk" if self.chat else self.object,
+                "created": self.created, "model": self.model, "choices": choices, **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def events(self):
+        """Server-sent events: a chunk per commit and choice, each choice's last with finish_reason and its
+        `rstitch` stats, the usage chunk if asked, then [DONE]."""
+        completion_tokens, finals = 0, []
+        try:
+            if self.chat:
+                yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None} for i in range(len(self.requests))])
+            async for index, out in self._outputs():
+                if isinstance(out, EngineDeadError):
+                    yield f"data: {json.dumps(APIError(str(out), status=503, type='ServiceUnavailableError').body())}\n\n"
+                    break
+                completion_tokens += len(out.token_ids)
+                if out.finished and out.output.finish_reason == "error":
+                    error = APIError(f"generation failed: {out.output.error}", status=500, type="InternalServerError")
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    break
+                if not (out.text or out.finished or (self.parsed.return_sources and out.token_ids)):
+                    continue
+                choice = {"index": index, "logprobs": None,
+                          "finish_reason": out.output.finish_reason if out.finished else None}
+                if self.chat:
+                    choice["delta"] = {"content": out.text} if out.text or not out.finished else {}
+                else:
+                    choice["text"] = out.text
+                if self.parsed.return_sources:
+                    choice["sources"], choice["entropies"] = out.sources, out.entropies
+                extra = {}
+                if out.finished:
+                    finals.append(out.output)
+                    choice["rstitch"] = routing_stats([out.output])
+                if self.parsed.continuous_usage:
+                    extra["usage"] = usage(self.prompt_tokens, completion_tokens=completion_tokens)
+                yield self._chunk([choice], **extra)
+            else:
+                if self.parsed.include_usage:
+                    yield self._chunk([], usage=usage(self.prompt_tokens, finals), rstitch=routing_stats(finals))
+            yield "data: [DONE]\n\n"
+        finally:
+            self._abort()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

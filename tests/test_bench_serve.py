@@ -1,0 +1,94 @@
+"""`rstitch bench serve` (the load generator) and `rstitch serve` (the command) on a tiny random pair."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from rstitch_engine.cli import main
+from rstitch_engine.serving.bench_serve import (RequestResult, check_loopback, parse_goodput, request_bodies,
+                                                summarize)
+
+
+def test_goodput_and_loopback_checks():
+    assert parse_goodput("ttft:500,tpot:50") == {"ttft": 0.5, "tpot": 0.05}
+    assert parse_goodput(None) == {}
+    for bad, words in (("latency:5", "not ttft"), ("ttft:x", "milliseconds"), ("ttft:-1", "positive")):
+        with pytest.raises(ValueError, match=words):
+            parse_goodput(bad)
+    assert check_loopback("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    with pytest.raises(ValueError, match="loopback"):
+        check_loopback("http://10.0.0.5:8000")
+
+
+def test_summary_follows_vllm_definitions():
+    results = [RequestResult(ok=True, ttft=0.1, e2el=1.1, itl=[0.25] * 4, output_tokens=5,
+                             rstitch={"slm_tokens": 3, "llm_tokens": 2, "switches_to_llm": 1, "switches_to_slm": 1}),
+               RequestResult(ok=True, ttft=0.3, e2el=0.3, itl=[], output_tokens=1, rstitch={"slm_tokens": 1}),
+               RequestResult(ok=False, error="HTTP 400: bad")]
+    row = summarize(results, duration=2.0, goodput={"ttft": 0.2})
+    assert (row["completed"], row["failed"], row["req_s"], row["output_tok_s"]) == (2, 1, 1.0, 3.0)
+    assert row["tpot_ms_mean"] == pytest.approx(250.0)  # (1.1 - 0.1) / (5 - 1); one-token answers have none
+    assert row["ttft_ms_p50"] == pytest.approx(100.0) and row["ttft_ms_p99"] == pytest.approx(300.0)
+    assert row["goodput_req_s"] == 0.5
+    assert row["llm_share"] == pytest.approx(2 / 6) and row["switches_per_1k"] == pytest.approx(1000 * 2 / 6)
+    assert row["errors"] == ["HTTP 400: bad"]
+
+
+def test_request_bodies_assign_policies_round_robin():
+    bodies = request_bodies(["a", "b", "c"], ["llm", "rstitch:0.05"], model=None, max_tokens=8, temperature=0.0,
+                            seed=3)
+    assert [b["rstitch"]["policy"] for b in bodies] == ["llm", "rstitch:0.05", "llm"]
+    assert [b["seed"] for b in bodies] == [3, 4, 5] and all(b["stream"] for b in bodies)
+
+
+def test_bench_serve_in_process_with_offline_comparison(pair, tmp_path):
+    out = tmp_path / "results"
+    main(["bench", "serve", "--slm", str(pair[0]), "--llm", str(pair[1]), "--dtype", "float32", "--device", "cpu",
+          "--synthetic", "3", "--max-tokens", "6", "--concurrency", "1,2", "--policies", "llm,rstitch:0.5",
+          "--goodput", "ttft:60000", "--out", str(out)])
+    rows = json.loads((out / "bench_serve.json").read_text())["rows"]
+    assert [(r["policy"], r["concurrency"]) for r in rows] == [("llm", 1), ("llm", 2), ("rstitch:0.5", 1),
+                                                                ("rstitch:0.5", 2)]
+    for r in rows:
+        assert r["completed"] == 3 and r["failed"] == 0 and r["output_tok_s"] > 0 and r["goodput_req_s"] > 0
+        assert r["ttft_ms_p50"] > 0 and 0 <= r["llm_share"] <= 1
+    assert rows[0]["llm_share"] == 1 and rows[0]["server_vs_offline"] > 0 and "offline_tok_s" not in rows[1]
+    assert "| policy |" in (out / "bench_serve.md").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rstitch_serve_command_serves_and_stops_on_ctrl_c(pair):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "rstitch_engine", "serve", "--slm", str(pair[0]), "--llm",
+                             str(pair[1]), "--device", "cpu", "--port", str(port), "--served-model-name", "tiny",
+                             "--log-level", "warning", "--kv-cache-gb", "0.02"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 4,
+                                                      "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr

@@ -1,0 +1,293 @@
+"""`rstitch serve` on a tiny random pair: a real uvicorn server on 127.0.0.1 at a free port, driven by the
+official openai client and by raw HTTP (streams, disconnects, bad requests, metrics, failures)."""
+import asyncio
+import json
+import re
+
+import httpx
+import pytest
+from safetensors.torch import load_file, save_file
+
+openai = pytest.importorskip("openai")
+
+from rstitch_engine import Engine, SamplingParams, policies  # noqa: E402
+from rstitch_engine.protocol import LLM, SLM  # noqa: E402
+from rstitch_engine.serving.app import ServerConfig  # noqa: E402
+from rstitch_engine.serving.server import ServerThread  # noqa: E402
+
+MODEL = "tiny-pair"
+POLICY_FIELDS = {"llm": policies.LLMOnly(), "slm": policies.SLMOnly(), "rstitch:0.5": policies.RStitch(tau=0.5),
+                 "spec:3": policies.SpecDecode(k=3)}
+
+
+@pytest.fixture(scope="module")
+def engine(pair):
+    return Engine(slm=pair[0], llm=pair[1], device="cpu", kv_cache_gb=0.05, max_model_len=256, max_num_seqs=48)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with ServerThread(engine, ServerConfig(MODEL, policies.RStitch(tau=0.5))) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def offline(engine, prompt, max_tokens, policy, stop=None, chat=False):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop)
+    if chat:
+        return engine.chat([[{"role": "user", "content": prompt}]], params, policy, use_tqdm=False)[0]
+    return engine.generate([prompt], params, policy, use_tqdm=False)[0]
+
+
+def test_openai_client_completions_streamed_and_not(client, engine):
+    ref = offline(engine, "hello there", 12, policies.RStitch(tau=0.5))
+    whole = client.completions.create(model=MODEL, prompt="hello there", max_tokens=12, temperature=0)
+    assert whole.choices[0].text == ref.text and whole.usage.completion_tokens == len(ref.token_ids)
+    assert whole.usage.prompt_tokens == len(ref.prompt_token_ids)
+    stream = client.completions.create(model=MODEL, prompt="hello there", max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
+    assert chunks[-1].usage.completion_tokens == len(ref.token_ids) and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref.finish_reason == "length"
+
+
+def test_openai_client_chat_streamed_and_not_with_stop_strings(client, engine):
+    policy = policies.LLMOnly()
+    ref = offline(engine, "hi", 24, policy, chat=True)
+    stop = ref.text[9:12]  # a stop string inside the answer: the stream holds back text that may start it
+    cut = offline(engine, "hi", 24, policy, stop=[stop], chat=True)
+    assert cut.text == ref.text[:ref.text.find(stop)] and cut.finish_reason == "stop"
+    for stops, expected in ((None, ref), ([stop], cut)):
+        kw = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=24, temperature=0,
+                  stop=stops, extra_body={"rstitch": {"policy": "llm"}})
+        whole = client.chat.completions.create(**kw)
+        assert whole.choices[0].message.content == expected.text
+        assert whole.choices[0].finish_reason == expected.finish_reason
+        deltas = [c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                  if c.choices]
+        assert "".join(deltas) == expected.text
+
+
+def test_routing_field_and_routing_stats(client, engine):
+    for name, policy in POLICY_FIELDS.items():
+        ref = offline(engine, [7, 8, 9], 16, policy)
+        resp = client.completions.create(model=MODEL, prompt=[7, 8, 9], max_tokens=16, temperature=0,
+                                         extra_body={"rstitch": {"policy": name, "return_sources": True}})
+        body = resp.model_dump()
+        assert body["choices"][0]["sources"] == ref.sources
+        stats = body["rstitch"]
+        assert stats["llm_tokens"] == ref.stats["llm_tokens"] and stats["slm_tokens"] == ref.stats["slm_tokens"]
+        assert stats["switches_to_llm"] == ref.stats["switches_to_llm"]
+        assert stats["llm_share"] == pytest.approx(ref.stats["llm_tokens"] / len(ref.token_ids))
+        assert stats["drafted"] == ref.stats["drafted"] and stats["accepted"] == ref.stats["accepted"]
+    fields = client.completions.create(model=MODEL, prompt=[7, 8, 9], max_tokens=16, temperature=0,
+                                       extra_body={"rstitch": {"policy": "rstitch", "tau": 0.5}})
+    grammar = client.completions.create(model=MODEL, prompt=[7, 8, 9], max_tokens=16, temperature=0,
+                                        extra_body={"rstitch": {"policy": "rstitch:0.5"}})
+    assert fields.choices[0].text == grammar.choices[0].text
+
+
+def test_n_and_seeds(client):
+    resp = client.completions.create(model=MODEL, prompt="abc", max_tokens=10, temperature=1.0, seed=5, n=3)
+    again = client.completions.create(model=MODEL, prompt="abc", max_tokens=10, temperature=1.0, seed=5, n=3)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert [c.text for c in resp.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in resp.choices}) > 1  # choice j samples with seed + j
+    assert resp.usage.completion_tokens == 30
+
+
+async def _stream_tokens(http: httpx.AsyncClient, body: dict, stop_after: int | None = None):
+    """(text, sources, finish_reason) of one streamed completion; with stop_after, disconnects after that
+    many chunks."""
+    text, sources, finish, chunks = "", [], None, 0
+    async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            text += choice["text"]
+            sources += choice.get("sources", [])
+            finish = choice["finish_reason"] or finish
+            chunks += 1
+            if stop_after is not None and chunks >= stop_after:
+                return None
+    return text, sources, finish
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"rstitch:{name}") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            if re.match(rf"rstitch:{re.escape(name)}(\{{|\s)", line):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_concurrent_streams_disconnects_and_metrics(server, engine):
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(1 + i % 5)] for i in range(32)]
+    names = list(POLICY_FIELDS)
+    refs = [offline(engine, p, 20, POLICY_FIELDS[names[i % 4]]) for i, p in enumerate(prompts)]
+    free = engine.num_free_blocks
+    before = httpx.get(server.url + "/metrics").text
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            def body(i, p, **kw):
+                return {"model": MODEL, "prompt": p, "max_tokens": 20, "temperature": 0,
+                        "rstitch": {"policy": names[i % 4], "return_sources": True}, **kw}
+            good = [_stream_tokens(http, body(i, p)) for i, p in enumerate(prompts)]
+            leaving = [_stream_tokens(http, body(i, [5, 6, i + 3], max_tokens=200, ignore_eos=True), stop_after=3)
+                       for i in range(8)]
+            return await asyncio.gather(*good, *leaving)
+
+    results = asyncio.run(main())
+    for (text, sources, finish), ref in zip(results[:32], refs):
+        assert (text, sources, finish) == (ref.text, ref.sources, ref.finish_reason)
+    for _ in range(500):  # the aborted requests' blocks come back once the step thread took the aborts
+        if engine.num_free_blocks == free and not engine.has_unfinished_requests():
+            break
+        asyncio.run(asyncio.sleep(0.01))
+    assert engine.num_free_blocks == free and not engine.has_unfinished_requests()
+    after = httpx.get(server.url + "/metrics").text
+    delta = lambda name, **kw: _metric(after, name, **kw) - _metric(before, name, **kw)  # noqa: E731
+    assert delta("request_success_total", finished_reason="length") == 32
+    assert delta("request_success_total", finished_reason="abort") == 8
+    received = [s for _, sources, _ in results[:32] for s in sources]
+    # the 8 aborted streams received some tokens too; the counters count what was sent to every client
+    llm_sent, slm_sent = delta("generation_tokens_total", source="llm"), delta("generation_tokens_total", source="slm")
+    assert llm_sent >= received.count(LLM) and slm_sent >= received.count(SLM)
+    assert llm_sent + slm_sent - len(received) <= 8 * 200
+    assert delta("prompt_tokens_total") == sum(len(p) for p in prompts) + 8 * 3
+    assert delta("e2e_request_latency_seconds_count") == 40
+    assert _metric(after, "num_requests_running") == 0 and _metric(after, "kv_cache_usage_perc") == 0
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "nonsense": 1}, 400, "nonsense"),
+    ("/v1/completions", {}, 400, "prompt"),
+    ("/v1/completions", {"prompt": 3}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, "a"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [5] * 300}, 400, "context holds"),
+    ("/v1/completions", {"prompt": [5, 10**6]}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, 400, "seed"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "'n'"),
+    ("/v1/completions", {"prompt": "x", "n": 17}, 400, "'n'"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": 20, "max_tokens": 5}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "does not exist"),
+    ("/v1/completions", {"prompt": "x", "rstitch": {"policy": "fast"}}, 400, "rstitch.policy"),
+    ("/v1/completions", {"prompt": "x", "rstitch": {"policy": "rstitch", "tau": "high"}}, 400, "tau"),
+    ("/v1/completions", {"prompt": "x", "rstitch": {"policy": "spec", "k": 0}}, 400, "k must be"),
+    ("/v1/completions", {"prompt": "x", "rstitch": {"policy": "spec", "tau": 0.1}}, 400, "rstitch.tau"),
+    ("/v1/completions", {"prompt": "x", "rstitch": {"policy": "rstitch+"}}, 400, "router"),
+    ("/v1/completions", {"prompt": "x", "rstitch": {"polcy": "llm"}}, 400, "rstitch.polcy"),
+    ("/v1/completions", {"prompt": "x", "rstitch": "llm"}, 400, "rstitch"),
+    ("/v1/chat/completions", {}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "content"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "text"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, words", BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_naming_the_problem(server, path, body, status, words):
+    r = httpx.post(server.url + path, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert words in error["message"] or words in (error["param"] or "")
+    assert error["code"] == status and error["type"]
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[1, 2]", b"null", b"\"text\""])
+def test_malformed_bodies_get_400(server, content):
+    r = httpx.post(server.url + "/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+def test_models_and_health(server, engine):
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == engine.max_model_len
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def nan_pair(pair, tmp_path_factory):
+    """The tiny pair with one token's embedding row NaN in the LLM: a request with that token fails there."""
+    llm = tmp_path_factory.mktemp("nan-llm")
+    for f in pair[1].iterdir():
+        (llm / f.name).write_bytes(f.read_bytes())
+    weights = load_file(llm / "model.safetensors")
+    weights["model.embed_tokens.weight"][77] = float("nan")
+    save_file(weights, llm / "model.safetensors")
+    return pair[0], llm
+
+
+def test_nan_fails_alone_max_waiting_and_a_dead_step_loop(nan_pair):
+    eng = Engine(slm=nan_pair[0], llm=nan_pair[1], device="cpu", kv_cache_gb=0.05, max_model_len=1024,
+                 max_num_seqs=1)
+    with ServerThread(eng, ServerConfig(MODEL, policies.LLMOnly(), max_waiting=1)) as s:
+        async def main():
+            async with httpx.AsyncClient(base_url=s.url, timeout=120) as http:
+                checked, chunks_after = asyncio.Event(), []
+
+                async def long_stream():  # holds the one sequence slot until the checks are done
+                    body = {"prompt": [5, 6], "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
+                            "stream": True}
+                    async with http.stream("POST", "/v1/completions", json=body) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {") and checked.is_set():
+                                chunks_after.append(json.loads(line[6:]))
+                                if len(chunks_after) == 3:
+                                    return  # disconnects: the request is aborted
+                    raise AssertionError("the long request ended before the checks")
+
+                long = asyncio.create_task(long_stream())
+                while s.online.num_running == 0:
+                    await asyncio.sleep(0.002)
+                nan = asyncio.create_task(http.post("/v1/completions", json={"prompt": [5, 77, 6], "max_tokens": 5,
+                                                                              "temperature": 0}))
+                while s.online.num_waiting == 0:  # the NaN request waits for the one sequence slot
+                    await asyncio.sleep(0.002)
+                full = await http.post("/v1/completions", json={"prompt": [5], "max_tokens": 2})
+                checked.set()
+                await long
+                while s.online.num_running:  # the long one aborted, the NaN request runs and fails
+                    await asyncio.sleep(0.002)
+                return chunks_after, await nan, full
+
+        chunks_after, failed, full = asyncio.run(main())
+        assert all(c["choices"][0]["finish_reason"] is None for c in chunks_after)  # streamed on
+        assert full.status_code == 503 and full.headers["retry-after"] == "1"
+        assert "waiting" in full.json()["error"]["message"]
+        assert failed.status_code == 500 and "NaN" in failed.json()["error"]["message"]
+        assert httpx.get(s.url + "/health").status_code == 200
+
+        def broken_step():
+            raise RuntimeError("device lost")
+
+        eng.loop.step = broken_step
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 4}, timeout=60)
+        assert r.status_code == 503 and "device lost" in r.json()["error"]["message"]
+        health = httpx.get(s.url + "/health")
+        assert health.status_code == 503 and "device lost" in health.json()["error"]["message"]
+        assert httpx.post(s.url + "/v1/completions", json={"prompt": [5], "max_tokens": 2}).status_code == 503
+    assert eng.num_free_blocks == eng.sched.num_blocks
