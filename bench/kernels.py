@@ -14,6 +14,7 @@ kernels per layer of the fused and the unfused forward (profiler count).
 Without CUDA it prints a message and exits 0.
 """
 import argparse
+import importlib
 import datetime
 import json
 import math
@@ -374,13 +375,16 @@ def run_case(case, copy_gbs, l2_bytes):
     return row
 
 
+def kernel_module(name: str):
+    """The module rstitch_engine.kernels.<name>. `import rstitch_engine.kernels.stitch_step as S` would bind
+    the function the package re-exports under that name, and setting constants on it changes nothing."""
+    return importlib.import_module(f"rstitch_engine.kernels.{name}")
+
+
 def sweep(copy_gbs, l2_bytes):
     """Alternative tuning constants for the two kernels that matter most; module constants are
-    read at launch, so setting them is enough."""
-    import rstitch_engine.kernels.decode_attention as D
-    import rstitch_engine.kernels.fused_linear as FL
-    import rstitch_engine.kernels.stitch_step as S
-
+    read at launch, so setting them on the module is enough."""
+    S, D, FL = (kernel_module(n) for n in ("stitch_step", "decode_attention", "fused_linear"))
     rows = []
     grid = [(S, dict(NUM_WARPS=w, NUM_STAGES=st, PROGRAMS_PER_SM=p, BYTES_PER_THREAD=b), stitch_cases([1, 256], False))
             for w in (4, 8, 16) for st in (1, 3, 4) for p in (2, 4, 8) for b in (16, 32)]

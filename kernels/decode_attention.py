@@ -10,13 +10,15 @@ the padded rows cost only tensor-core cycles, which are idle in this memory-boun
 NOTE: each row's context is cut into `num_splits` equal, BLOCK_N-aligned ranges (computed in-kernel
 from its own length, so rows of any length fill all splits); splits past a short row's end exit at
 once. Partial outputs and base-2 log-sum-exps go to scratch, and a reduce kernel merges them.
-`num_splits=None` fills the device from B * Hkv and the widest context the block table allows.
+`num_splits=None` fills the device from B * Hkv and the widest context the block table allows, at most
+MAX_SPLITS: the block table of a graph spans max_model_len (131072 positions: 264 splits for the 1.5B at
+batch 1, a reduce padded to 512 that spilled), while the work follows each row's live length.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .attention_tile import LOG2E, attend_paged
+from .attention_tile import LOG2E, attend_paged, head_pad
 from .common import num_sms
 from .extend_attention import paged_extend_attention_ref
 
@@ -24,6 +26,7 @@ BLOCK_N = 64
 NUM_WARPS = 4
 PROGRAMS_PER_SM = 4
 MIN_TOKENS_PER_SPLIT = 256
+MAX_SPLITS = 64  # bounds the idle programs of a short live context and the reduce's register tile
 
 
 @triton.jit
@@ -36,8 +39,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_slot_p
                    out_ptr, part_out_ptr, part_lse_ptr, scale_log2e, num_splits,
                    q_stride_b, q_stride_h, out_stride_b, out_stride_h, bt_stride,
                    stride_block, stride_offset, stride_head,
-                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, FUSED: tl.constexpr):
+                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, FUSED: tl.constexpr):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -52,26 +55,27 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_slot_p
     group = tl.arange(0, GROUP_PAD)
     head_mask = group < GROUP
     heads = kv_head * GROUP + group
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + row * q_stride_b + heads[:, None] * q_stride_h + dims[None, :],
-                mask=head_mask[:, None], other=0.0)
+    dims = tl.arange(0, HEAD_PAD)
+    mask = head_mask[:, None] & (dims < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + row * q_stride_b + heads[:, None] * q_stride_h + dims[None, :], mask=mask, other=0.0)
     block_table_row = block_tables_ptr + tl.load(seq_slot_ptr + row).to(tl.int64) * bt_stride
     m, l, acc = attend_paged(q, k_cache_ptr, v_cache_ptr, block_table_row, key_begin, key_end, 0, kv_head,
                              stride_block, stride_offset, stride_head, scale_log2e,
-                             False, PAGE, HEAD_DIM, BLOCK_N)
+                             False, PAGE, HEAD_DIM, HEAD_PAD, BLOCK_N)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # seq_len == 0: zeros
     if FUSED:
         tl.store(out_ptr + row * out_stride_b + heads[:, None] * out_stride_h + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         part = (row * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [B, Hq, splits]
         tl.store(part_lse_ptr + part, m + tl.log2(l), mask=head_mask)
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=head_mask[:, None])
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=mask)
 
 
 @triton.jit
 def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, out_stride_b, out_stride_h,
-                          num_splits, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                          num_splits, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SPLITS_PAD: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + row)
@@ -81,16 +85,19 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, out
     part = (row * tl.num_programs(1) + head) * num_splits + split
     lse = tl.load(part_lse_ptr + part, mask=valid, other=-1.0e30)  # finite: no inf - inf
     weight = tl.where(valid, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)
-    dims = tl.arange(0, HEAD_DIM)
-    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
+    dims = tl.arange(0, HEAD_PAD)
+    dim_mask = dims < HEAD_DIM
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None] & dim_mask[None, :],
+                    other=0.0)
     total = tl.sum(weight, axis=0)
     out = tl.sum(weight[:, None] * parts, axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + row * out_stride_b + head * out_stride_h + dims, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row * out_stride_b + head * out_stride_h + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dim_mask)
 
 
 def _default_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     fill = triton.cdiv(PROGRAMS_PER_SM * num_sms(device), max(1, batch * num_kv_heads))
-    return max(1, min(fill, triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT)))
+    return max(1, min(fill, triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_slot, seq_lens, scale: float,
@@ -113,12 +120,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_slot, seq_lens
         q, k_cache, v_cache, block_tables, seq_slot, seq_lens, out, scratch_out, scratch_lse, scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page,
-        BLOCK_N=BLOCK_N, FUSED=num_splits == 1, num_warps=NUM_WARPS)
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        HEAD_PAD=head_pad(head_dim), PAGE=page, BLOCK_N=BLOCK_N, FUSED=num_splits == 1, num_warps=NUM_WARPS)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_q_heads)](
             scratch_out, scratch_lse, seq_lens, out, out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=NUM_WARPS)
+            HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim), BLOCK_N=BLOCK_N,
+            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=NUM_WARPS)
     return out
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .attention_tile import LOG2E, attend_paged
+from .attention_tile import LOG2E, attend_paged, head_pad
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -25,7 +25,7 @@ def _extend_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_slot_p
                    seq_lens_ptr, out_ptr, scale_log2e,
                    q_stride_t, q_stride_h, out_stride_t, out_stride_h, bt_stride,
                    stride_block, stride_offset, stride_head,
-                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, PAGE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0)
     tile = tl.program_id(1)
@@ -38,18 +38,18 @@ def _extend_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_slot_p
     new = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     new_mask = new < n_new
     q_pos = seq_len - n_new + new
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_PAD)
+    mask = new_mask[:, None] & (dims < HEAD_DIM)[None, :]
     tokens = (q_begin + new).to(tl.int64)
-    q = tl.load(q_ptr + tokens[:, None] * q_stride_t + head * q_stride_h + dims[None, :],
-                mask=new_mask[:, None], other=0.0)
+    q = tl.load(q_ptr + tokens[:, None] * q_stride_t + head * q_stride_h + dims[None, :], mask=mask, other=0.0)
     block_table_row = block_tables_ptr + tl.load(seq_slot_ptr + row).to(tl.int64) * bt_stride
     key_end = tl.minimum(seq_len - n_new + (tile + 1) * BLOCK_M, seq_len)  # last query of the tile + 1
     m, l, acc = attend_paged(q, k_cache_ptr, v_cache_ptr, block_table_row, 0, key_end, q_pos, head // GROUP,
                              stride_block, stride_offset, stride_head, scale_log2e,
-                             True, PAGE, HEAD_DIM, BLOCK_N)
+                             True, PAGE, HEAD_DIM, HEAD_PAD, BLOCK_N)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + tokens[:, None] * out_stride_t + head * out_stride_h + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=new_mask[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def paged_extend_attention(q, k_cache, v_cache, block_tables, seq_slot, query_start_loc, seq_lens, scale: float,
@@ -66,7 +66,7 @@ def paged_extend_attention(q, k_cache, v_cache, block_tables, seq_slot, query_st
         q, k_cache, v_cache, block_tables, seq_slot, query_start_loc, seq_lens, out, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page,
+        GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim), PAGE=page,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
     return out
 

@@ -199,3 +199,20 @@ def test_cli_demo_streams_and_compares(pair, capsys):
     assert "--- R-Stitch (rstitch:0.72)" in out and "--- LLM only (llm)" in out
     assert "[[" in out, "the LLM's tokens are marked in the streamed R-Stitch answer"
     assert "R-Stitch took" in out and "LLM only" in out
+
+
+def test_warm_up_leaves_the_engine_as_it_was(pair):
+    """warm_up (default on CUDA) runs every path once at construction; afterwards nothing is held and
+    unseeded sampling draws the same seeds as without it."""
+    from rstitch_engine import policies
+
+    params = SamplingParams(max_tokens=10, temperature=0.9)
+    outs = {}
+    for warm in (False, True):
+        eng = Engine(slm=pair[0], llm=pair[1], device="cpu", kv_cache_gb=0.02, max_num_seqs=20, warm_up=warm)
+        assert eng.num_free_blocks == eng.sched.num_blocks and not eng.has_unfinished_requests()
+        outs[warm] = [o.token_ids for o in eng.generate([[7, 8, 9], [5]], params, policies.RStitch(tau=0.5),
+                                                        use_tqdm=False)]
+    assert outs[True] == outs[False]
+    with pytest.raises(ValueError, match="warm_up"):
+        Engine(llm=pair[1], device="cpu", warm_up="yes")

@@ -162,3 +162,32 @@ def test_switch_costs_script_dry_run(tmp_path):
     assert all(math.isfinite(r[c]) for r in data["rows"] for c in r if c.endswith(("_ms", "_vs_decode")))
     assert all(r[c] == 1.0 for r in data["rows"] if r["span"] == 1 for c in r if c.endswith("_vs_decode"))
     assert "| llm | 5 |" in out.with_suffix(".md").read_text()
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """bash bench/gpu_check.sh --dry: every stage of the GPU check on the CPU at tiny shapes, no failure,
+    each check's fact recorded (the GPU-only ones as SKIP)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "check"
+    result = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--dry"], capture_output=True, text=True,
+                            timeout=1200, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    facts = [json.loads(line) for line in (out / "facts.jsonl").read_text().splitlines()]
+    failed = [f for f in facts if f.get("status") in ("FAIL", "ERROR")]
+    assert not failed, failed
+    exits = {f["stage"] for f in facts if f["name"] == "exit"}
+    assert exits == {"build", "env", "smoke", "graphs", "tput", "micro"}
+    names = {(f["stage"], f["name"]) for f in facts}
+    for expected in [("smoke", "stitch_step"), ("smoke", "paged_decode_attention"), ("smoke", "linear"),
+                     ("graphs", "graph_equals_eager"), ("graphs", "no_sync_in_loop"), ("tput", "copy_bandwidth"),
+                     ("tput", "batch1"), ("tput", "batch1_sampled"), ("tput", "profile_slm_17_tokens")]:
+        assert expected in names, expected
+    policies = [f["policy"] for f in facts if f["name"] == "batch1"]
+    assert policies[0] == "llm" and "slm" in policies and len(policies) == 4
+    assert all(f["pct_roofline"] > 0 for f in facts if f["name"] == "batch1")

@@ -71,6 +71,8 @@ class Engine:
         self._router_key = None
         self.default_policy: Policy = RStitch() if len(self.paths) == 2 else (
             LLMOnly() if LLM in self.paths else SLMOnly())
+        if config.use_warm_up:
+            self._warm_up()
 
     # ---- construction -------------------------------------------------------------------------------
     def _tokenizer(self):
@@ -105,6 +107,25 @@ class Engine:
         if requested is not None and requested > limit:
             raise ValueError(f"max_model_len={requested} exceeds the models' context of {limit} positions")
         return requested if requested is not None else limit
+
+    def _warm_up(self) -> None:
+        """Runs each loaded model's paths once, so that their kernels compile here, not in a timed request:
+        a prompt extend and decode steps at batch 1, a catch-up, and a batch above the fused-GEMV row limit
+        (engine/ops.py FUSED_MAX_ROWS). Leaves the engine as it was (seeds drawn, request ids used)."""
+        from rstitch_engine.engine.ops import FUSED_MAX_ROWS
+
+        from .policies import Forced
+
+        state, next_id = self._rng.getstate(), self._next_id
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        prompt = [t % self.vocab_limit for t in range(3, 43)]
+        rows = min(2 * FUSED_MAX_ROWS, self.config.max_num_seqs)
+        policies = [p for p in (SLMOnly(), LLMOnly(), Forced(pattern="1-2")) if p.models <= set(self.paths)]
+        for policy in policies:
+            self.generate([prompt], params, policy, use_tqdm=False)
+            self.generate([prompt[:2 + i % 5] for i in range(rows)], params, policy, use_tqdm=False)
+        self._rng.setstate(state)
+        self._next_id = next_id
 
     # ---- requests -----------------------------------------------------------------------------------
     @property

@@ -32,7 +32,9 @@ class EngineConfig:
     kernels: "triton" or "torch" (default: Triton on CUDA, the torch references on the CPU). cuda_graphs:
     capture decode steps (default on CUDA; "emulate" runs the same padded static-shape steps without
     capturing, for tests on the CPU). llm_min_batch / llm_max_wait: park rows that need the LLM until that
-    many are ready or one has waited that many steps (R2R-style; 1: off).
+    many are ready or one has waited that many steps (R2R-style; 1: off). warm_up: run the extend, decode
+    and large-batch paths of each model once at construction, so that Triton compiles them there and not
+    inside a timed request (default on CUDA).
     """
     llm: str | Path | None = None
     slm: str | Path | None = None
@@ -53,6 +55,7 @@ class EngineConfig:
     cuda_graphs: bool | str | None = None
     seed: int = 0
     progress: bool = False
+    warm_up: bool | None = None
 
     def __post_init__(self):
         if self.llm is None and self.slm is None:
@@ -76,6 +79,8 @@ class EngineConfig:
                       "in (0, 1]")
         if self.kernels not in (None, *KERNELS):
             raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.warm_up not in (None, True, False):
+            raise ValueError(f"warm_up must be True, False or None (on CUDA), got {self.warm_up!r}")
         if self.cuda_graphs not in (None, True, False, "emulate"):
             raise ValueError(f"cuda_graphs must be True, False or 'emulate', got {self.cuda_graphs!r}")
         for name in ("overlap", "optimistic_llm", "progress"):
@@ -117,6 +122,10 @@ class EngineConfig:
     @property
     def use_overlap(self) -> bool:
         return self.on_cuda if self.overlap is None else self.overlap
+
+    @property
+    def use_warm_up(self) -> bool:
+        return self.on_cuda if self.warm_up is None else self.warm_up
 
     @property
     def use_triton(self) -> bool:

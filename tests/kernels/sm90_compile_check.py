@@ -1,4 +1,4 @@
-"""Compile every kernel for an H100 (sm_90a) on a machine without a GPU, through the real launchers.
+"""Compile every kernel for an H100/H200 (sm_90a) on a machine without a GPU, through the real launchers.
 
 Triton's compiler and ptxas need no device: a stand-in driver reports the target, and launches are
 turned into compile-only warm-ups. Each launcher runs on CPU tensors of the benchmark shapes, so the
@@ -64,6 +64,7 @@ def compile_noise_streams():
 
 def run_launchers():
     import rstitch_engine.kernels as K
+    from rstitch_engine.kernels import decode_attention as common  # its num_sms: the one the launcher reads
 
     compile_noise_streams()
 
@@ -87,6 +88,24 @@ def run_launchers():
                                  0.1, 1)
         K.store_kv(q[:, :hkv], q[:, :hkv], k_cache, k_cache, slots)
         K.apply_rotary(q, q[:, :hkv], slots, torch.zeros(4096, 128))
+    # H200 settings: 132 SMs and a graph's block table spanning max_model_len (131072 positions, page 16),
+    # batch 1, the splits chosen by the launcher
+    common.num_sms = lambda device: 132
+    for hq, hkv in [(12, 2), (28, 4)]:
+        q = torch.zeros(1, hq, 128, dtype=bf16)
+        k_cache = torch.zeros(64, 16, hkv, 128, dtype=bf16)
+        one = torch.zeros(1, dtype=torch.int32)
+        K.paged_decode_attention(q, k_cache, k_cache, torch.zeros(1, 131072 // 16, dtype=torch.int32), one, one, 0.1)
+    for dtype, hq, hkv, head_dim in [(torch.float32, 4, 2, 8), (bf16, 4, 1, 16), (bf16, 4, 1, 80)]:
+        # the tiny test pair's shapes (head dims 8 and 16: tiles padded to tl.dot's K >= 16) and a head dim
+        # that is not a power of two
+        k_cache = torch.zeros(16, 4, hkv, head_dim, dtype=dtype)
+        tables, slots = torch.zeros(4, 16, dtype=torch.int32), torch.arange(4, dtype=torch.int32)
+        q = torch.zeros(4, hq, head_dim, dtype=dtype)
+        for splits in (1, 3):
+            K.paged_decode_attention(q, k_cache, k_cache, tables, slots, slots, 0.1, num_splits=splits)
+        K.paged_extend_attention(q, k_cache, k_cache, tables, slots, torch.arange(5, dtype=torch.int32), slots,
+                                 0.1, 1)
     for hidden in (1536, 3584):
         x = torch.zeros(32, hidden, dtype=bf16)
         K.rms_norm(x, x[0], 1e-6)

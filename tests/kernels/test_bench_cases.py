@@ -41,3 +41,13 @@ def test_cases_run_and_agree_with_their_references(bench_kernels):
             err = case["check"](inputs)
             assert math.isfinite(err) and err < 2e-2, (case["name"], case["shape"], err)
         assert case["bytes"] > 0
+
+
+def test_sweep_tunes_the_kernel_modules_not_the_reexported_functions(bench_kernels):
+    import inspect
+
+    for name, constants in (("stitch_step", ("NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "BYTES_PER_THREAD")),
+                            ("decode_attention", ("BLOCK_N", "NUM_WARPS", "PROGRAMS_PER_SM")),
+                            ("fused_linear", ("BLOCK_N", "BLOCK_K", "NUM_STAGES", "MIN_ROWS"))):
+        module = bench_kernels.kernel_module(name)
+        assert inspect.ismodule(module) and all(hasattr(module, c) for c in constants), name

@@ -34,6 +34,8 @@ def check_decode(seq_lens, num_q_heads, num_kv_heads, head_dim, page, dtype, num
     ([100, 1, 64, 0], 8, 4, 64, 16, torch.bfloat16, 3),
     ([130, 17], 7, 1, 128, 32, torch.bfloat16, 1),
     ([33, 200, 5], 4, 2, 32, 64, torch.float16, 4),
+    ([9, 40, 0], 4, 2, 8, 4, torch.float32, 3),    # head dims below tl.dot's 16 and not powers of two:
+    ([21, 3], 4, 1, 80, 8, torch.bfloat16, None),  # tiles padded to 16 / 128, the padding masked
 ])
 def test_decode(seq_lens, num_q_heads, num_kv_heads, head_dim, page, dtype, num_splits):
     check_decode(seq_lens, num_q_heads, num_kv_heads, head_dim, page, dtype, num_splits,
@@ -65,6 +67,8 @@ def check_extend(rows, num_q_heads, num_kv_heads, head_dim, page, dtype, extra_q
     ([(0, 70)], 7, 1, 64, 8, torch.bfloat16),
     ([(30, 3), (0, 1), (100, 15)], 8, 8, 128, 32, torch.bfloat16),
     ([(1, 16), (0, 33)], 6, 3, 16, 64, torch.float16),
+    ([(0, 9), (5, 3)], 4, 2, 8, 4, torch.float32),
+    ([(12, 4)], 4, 1, 80, 8, torch.bfloat16),
 ])
 def test_extend(rows, num_q_heads, num_kv_heads, head_dim, page, dtype):
     check_extend(rows, num_q_heads, num_kv_heads, head_dim, page, dtype)
@@ -135,3 +139,16 @@ def test_decode_real_shapes_cuda(context, num_q_heads, num_kv_heads):
 @pytest.mark.parametrize("rows", [[(0, 1000)], [(500, 300), (0, 2048), (4000, 1)]])
 def test_extend_real_shapes_cuda(rows):
     check_extend(rows, 28, 4, 128, 16, torch.bfloat16)
+
+
+def test_decode_splits_are_bounded_at_h200_settings(monkeypatch):
+    """A graph's block table spans max_model_len: at 131072 positions the 1.5B at batch 1 would get 264
+    splits (and a reduce padded to 512 that spilled); the grid is bounded, the work follows the live length."""
+    from rstitch_engine.kernels import decode_attention as D
+
+    monkeypatch.setattr(D, "num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert D._default_splits(1, 2, 131072, cpu) == D.MAX_SPLITS == 64
+    assert D._default_splits(1, 2, 1024, cpu) == 4  # short tables: MIN_TOKENS_PER_SPLIT decides
+    assert D._default_splits(64, 4, 131072, cpu) == 3  # large batches fill the device without splitting much
+    check_decode([300, 5, 0], 4, 2, 16, 16, torch.float32, num_splits=64, padded_rows=[2])  # idle splits exit

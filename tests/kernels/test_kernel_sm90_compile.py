@@ -17,3 +17,7 @@ def test_kernels_compile_for_sm90():
     assert result.returncode == 0, report[-4000:]
     kernels = [line for line in result.stdout.splitlines() if " regs=" in line]
     assert kernels and all(" local=0" in line for line in kernels), "register spills:\n" + "\n".join(kernels)
+    # spills may also show as stack: the attention kernels (their split reduce included, and the head dims
+    # 8, 16 and 80 of the padded tiles) use none
+    attention = [line for line in kernels if line.startswith(("_decode", "_extend"))]
+    assert attention and all(" stack=0" in line for line in attention), "\n".join(attention)

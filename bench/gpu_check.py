@@ -1,0 +1,227 @@
+"""The stages of the one GPU check (bench/gpu_check.sh; issue 15). Each stage is its own process and appends
+one JSON line per fact to OUT/facts.jsonl ({"stage", "name", ..., "status": "PASS"|"FAIL"|"SKIP"} where
+the fact is a check), so a crash in one stage leaves the others' results.
+
+    python bench/gpu_check.py env|smoke|graphs|tput|micro --out DIR [--dry]
+
+--dry runs the same code on the CPU at tiny shapes (Triton interpreter, emulated graphs): CI runs it, so
+the check cannot fail on the GPU for a reason the CPU could have shown.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+BENCH = Path(__file__).resolve().parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Check:
+    """Shapes and device of this run, and the facts file."""
+
+    def __init__(self, args):
+        self.dry, self.out, self.stage = args.dry, Path(args.out), args.stage
+        self.device = torch.device("cpu" if args.dry else "cuda")
+        self.dtype = torch.float32 if args.dry else torch.bfloat16
+        self.shapes = ("tiny", "small") if args.dry else ("1.5b", "7b")
+        self.vocab = 1000 if args.dry else 151936
+        self.prompt_len, self.new_tokens = (16, 8) if args.dry else (128, 256)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def fact(self, name: str, status: str | None = None, **values) -> None:
+        row = {"stage": self.stage, "name": name, **({"status": status} if status else {}), **values}
+        with open(self.out / "facts.jsonl", "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        print(json.dumps(row, default=str), flush=True)
+
+    def engine(self, **kw):
+        from rstitch_engine import Engine
+
+        slm, llm = self.shapes
+        kw.setdefault("cuda_graphs", "emulate" if self.dry else True)
+        return Engine(slm=f"random:{slm}", llm=f"random:{llm}", device=self.device.type, dtype=self.dtype,
+                      kernels="triton", max_num_seqs=4, max_model_len=self.prompt_len + self.new_tokens + 64, **kw)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def stage_env(c: Check) -> None:
+    import triton
+
+    values = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
+    if c.device.type == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        values.update(device=props.name, sms=props.multi_processor_count, memory_gib=props.total_memory / 2**30,
+                      cuda=torch.version.cuda)
+    else:
+        values.update(device=f"cpu ({platform.machine()})", dry=True)
+    c.fact("env", **values)
+
+
+def _compare(c: Check, name: str, out: torch.Tensor, ref: torch.Tensor, tol: float, **shape) -> None:
+    out, ref = out.float(), ref.float()
+    finite = bool(torch.isfinite(out).all())
+    err = float((out - ref).abs().max() / ref.abs().max().clamp(min=1e-6)) if finite else float("nan")
+    c.fact(name, "PASS" if finite and err <= tol else "FAIL", rel_err=err, tol=tol, **shape)
+
+
+def stage_smoke(c: Check) -> None:
+    """Every kernel family against its torch reference at the real shapes, on fresh random inputs."""
+    import rstitch_engine.kernels as K
+    from rstitch_engine.kernels import fused_linear as FL
+
+    g = torch.Generator(device=c.device).manual_seed(0)
+    rand = lambda *s, dtype=None: torch.randn(*s, generator=g, device=c.device, dtype=dtype or c.dtype)  # noqa: E731
+    for rows, temperature in ((1, 0.0), (1, 0.7), (64, 0.0), (64, 0.7)):
+        logits = rand(rows, c.vocab + 128) * 3
+        ints = torch.arange(rows, device=c.device, dtype=torch.int32)
+        t = torch.full((rows,), temperature, device=c.device)
+        kw = dict(temperature=t, cutoff=torch.full((rows,), float("-inf"), device=c.device), seed=ints.long(),
+                  sample_pos=ints, tau_up=torch.full((rows,), 0.5, device=c.device),
+                  tau_down=torch.full((rows,), 0.5, device=c.device), is_llm=0)
+        tokens, entropy, flags = K.stitch_step(logits, c.vocab, **kw)
+        ref_tokens, ref_entropy, ref_flags = K.stitch_step_ref(logits, c.vocab, **kw)
+        same = bool((tokens == ref_tokens).all() and (flags == ref_flags).all())
+        err = float((entropy - ref_entropy).abs().max())
+        c.fact("stitch_step", "PASS" if same and err < 1e-3 else "FAIL", rows=rows, temperature=temperature,
+               vocab=c.vocab, entropy_abs_err=err, tokens_equal=same)
+    heads = [(4, 2, 16)] if c.dry else [(12, 2, 128), (28, 4, 128)]
+    page = 16
+    for context in ((40, 90) if c.dry else (1024, 8192)):
+        for hq, hkv, d in heads:
+            blocks = -(-context // page)
+            k_cache, v_cache = rand(blocks + 1, page, hkv, d), rand(blocks + 1, page, hkv, d)
+            table = torch.arange(1, blocks + 1, device=c.device, dtype=torch.int32)[None].repeat(2, 1)
+            slots = torch.arange(2, device=c.device, dtype=torch.int32)
+            lens = torch.tensor([context, context // 3], device=c.device, dtype=torch.int32)
+            q = rand(2, hq, d)
+            args = (q, k_cache, v_cache, table, slots, lens, d ** -0.5)
+            _compare(c, "paged_decode_attention", K.paged_decode_attention(*args), K.paged_decode_attention_ref(*args),
+                     2e-2, context=context, heads=(hq, hkv, d))
+    gemvs = [(32, 64), (64, 96)] if c.dry else [(1536, 2048), (1536, 1536), (8960, 1536), (3584, 4608),
+                                                  (18944, 3584), (1536, 151936)]
+    for k, n in gemvs:
+        x, w = rand(1, k), rand(n, k) / k ** 0.5
+        _compare(c, "linear", FL.linear(x, w), F.linear(x.float(), w.float()), 2e-2, rows=1, k=k, n=n)
+
+
+def stage_graphs(c: Check) -> None:
+    """Graph replay == eager, token for token, at batch 1 and 3 (one padded row), with a forced switching
+    pattern (catch-up extends replay their graphs); then a sampled run with syncs turned into errors."""
+    from rstitch_engine import SamplingParams, policies
+    from rstitch_engine.bench import synthetic_prompts
+
+    params = SamplingParams(max_tokens=c.new_tokens, temperature=0.0, ignore_eos=True)
+    policy = policies.Forced.periodic(0.37, 2, c.new_tokens)
+    outs = {}
+    for graphs in (False, "emulate" if c.dry else True):
+        eng = c.engine(cuda_graphs=graphs)
+        for batch in (1, 3):
+            prompts = synthetic_prompts(batch, c.prompt_len, eng.vocab_limit, seed=batch)
+            outs[graphs, batch] = [o.token_ids for o in eng.generate(prompts, params, policy, use_tqdm=False)]
+        del eng
+    for batch in (1, 3):
+        same = outs[False, batch] == outs["emulate" if c.dry else True, batch]
+        c.fact("graph_equals_eager", "PASS" if same else "FAIL", batch=batch, policy=policy.name)
+    eng = c.engine(overlap=True)
+    sampled = SamplingParams(max_tokens=c.new_tokens, temperature=0.6, top_p=0.95, seed=1, ignore_eos=True)
+    prompts = synthetic_prompts(2, c.prompt_len, eng.vocab_limit)
+    eng.generate(prompts, sampled, policies.SLMOnly(), use_tqdm=False)  # warm-up: compile, allocate
+    if c.device.type != "cuda":
+        c.fact("no_sync_in_loop", "SKIP", reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eng.generate(prompts, sampled, policies.SLMOnly(), use_tqdm=False)
+        c.fact("no_sync_in_loop", "PASS", sampling="temperature 0.6, top_p 0.95")
+    except RuntimeError as e:
+        c.fact("no_sync_in_loop", "FAIL", error=str(e)[:300])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def stage_tput(c: Check) -> None:
+    """Batch-1 tok/s side by side with % of the copy-bandwidth roofline: SLM-only, LLM-only, forced 10% in
+    runs of 8 and the real rule's pattern (37% in runs of 2); sampled SLM-only; kernels per step."""
+    from rstitch_engine import SamplingParams, policies
+    from rstitch_engine.bench import run_bench, synthetic_prompts, time_policy
+
+    e2e = _load("e2e")
+    bandwidth = e2e.copy_bandwidth(c.device)
+    c.fact("copy_bandwidth", GBs=bandwidth / 1e9)
+    eng = c.engine(overlap=c.device.type == "cuda")
+    prompt = synthetic_prompts(1, c.prompt_len, eng.vocab_limit)
+    params = SamplingParams(max_tokens=c.new_tokens, temperature=0.0, ignore_eos=True)
+    rows = run_bench(eng, prompt, [policies.SLMOnly(), policies.Forced.periodic(0.1, 8, c.new_tokens),
+                                   policies.Forced.periodic(0.37, 2, c.new_tokens)], params)
+    for r in rows:
+        r = e2e.with_roofline(r, eng, bandwidth)
+        c.fact("batch1", policy=r["policy"], tok_s=r["tok_s"], decode_tok_s=r["decode_tok_s"],
+               tok_s_vs_llm=r["tok_s_vs_llm"], llm_share=r["llm_share"], pct_roofline=r["pct_roofline"],
+               roofline_tok_s=r["roofline_tok_s"])
+    sampled = SamplingParams(max_tokens=c.new_tokens, temperature=0.6, top_p=0.95, seed=1, ignore_eos=True)
+    r = time_policy(eng, prompt, sampled, policies.SLMOnly())
+    c.fact("batch1_sampled", policy="slm", sampling="temperature 0.6, top_p 0.95", tok_s=r["tok_s"])
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if c.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        eng.generate(prompt, SamplingParams(max_tokens=17, temperature=0.0, ignore_eos=True), policies.SLMOnly(),
+                     use_tqdm=False)
+        c.sync()
+    kind = "cuda" if c.device.type == "cuda" else "cpu"
+    events = [e for e in prof.key_averages() if (e.device_type.name.lower() == kind if kind == "cuda" else True)]
+    key = (lambda e: e.device_time_total) if kind == "cuda" else (lambda e: e.cpu_time_total)
+    top = sorted(events, key=key, reverse=True)[:10]
+    c.fact("profile_slm_17_tokens", device_kind=kind,
+           launches=sum(e.count for e in events) if kind == "cuda" else None,
+           top=[{"name": e.key[:80], "count": e.count, "us": key(e)} for e in top])
+
+
+def stage_micro(c: Check) -> None:
+    """bench/kernels.py --quick: GEMV variants, lm_head, decode splits, as % of copy bandwidth."""
+    if c.device.type != "cuda":
+        c.fact("kernels_quick", "SKIP", reason="needs CUDA; its cases run on the CPU in "
+                                               "tests/kernels/test_bench_cases.py")
+        return
+    rc = _load("kernels").main(["--quick"])
+    c.fact("kernels_quick", "PASS" if rc == 0 else "FAIL", rc=rc)
+
+
+STAGES = {"env": stage_env, "smoke": stage_smoke, "graphs": stage_graphs, "tput": stage_tput, "micro": stage_micro}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("stage", choices=list(STAGES))
+    p.add_argument("--out", required=True, help="folder of facts.jsonl")
+    p.add_argument("--dry", action="store_true", help="the CPU at tiny shapes")
+    args = p.parse_args(argv)
+    if not args.dry and not torch.cuda.is_available():
+        print("no CUDA device: run with --dry on the CPU", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    c = Check(args)
+    STAGES[args.stage](c)
+    c.fact("stage_seconds", seconds=time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
