@@ -291,3 +291,20 @@ def test_nan_fails_alone_max_waiting_and_a_dead_step_loop(nan_pair):
         assert health.status_code == 503 and "device lost" in health.json()["error"]["message"]
         assert httpx.post(s.url + "/v1/completions", json={"prompt": [5], "max_tokens": 2}).status_code == 503
     assert eng.num_free_blocks == eng.sched.num_blocks
+
+
+def test_rstitch_plus_uses_the_router_the_server_loaded(engine, tmp_path):
+    from rstitch_engine.router import Router
+
+    path = Router(engine.configs[SLM].hidden_size, init_switch_prob=1 - 1e-6).save(tmp_path / "router.safetensors")
+    ref = offline(engine, [7, 8, 9], 12, policies.RStitchPlus(router=str(path), tau=0.3))
+    with ServerThread(engine, ServerConfig(MODEL, policies.LLMOnly(), router=str(path))) as s:
+        body = {"prompt": [7, 8, 9], "max_tokens": 12, "temperature": 0,
+                "rstitch": {"policy": "rstitch+", "tau": 0.3, "return_sources": True}}
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["sources"] == ref.sources
+        assert r.json()["rstitch"]["llm_tokens"] == ref.stats["llm_tokens"]
+        other = httpx.post(s.url + "/v1/completions", json={**body, "rstitch": {"policy": "rstitch+",
+                                                                              "router": "elsewhere.safetensors"}})
+        assert other.status_code == 400 and "not loaded" in other.json()["error"]["message"]
