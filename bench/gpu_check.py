@@ -186,7 +186,7 @@ def stage_tput(c: Check) -> None:
                      use_tqdm=False)
         c.sync()
     kind = "cuda" if c.device.type == "cuda" else "cpu"
-    events = [e for e in prof.key_averages() if (e.device_type.name.lower() == kind if kind == "cuda" else True)]
+    events = [e for e in prof.key_averages() if kind == "cpu" or e.device_type.name.lower() == "cuda"]
     key = (lambda e: e.device_time_total) if kind == "cuda" else (lambda e: e.cpu_time_total)
     top = sorted(events, key=key, reverse=True)[:10]
     c.fact("profile_slm_17_tokens", device_kind=kind,

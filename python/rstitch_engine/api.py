@@ -134,9 +134,7 @@ class Engine:
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer: pass prompts as lists of token ids")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.tokenize(prompt)
         if isinstance(prompt, np.ndarray) and prompt.ndim == 1 and np.issubdtype(prompt.dtype, np.integer):
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)):

@@ -59,8 +59,8 @@ class AsyncEngine:
         self.engine = engine
         self.error: BaseException | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._outputs: dict[str, RequestOutput] = {}  # running requests by request id
-        self._sinks: dict[str, object] = {}             # and where their outputs go
+        # running requests by request id: the output add_requests returned, and where its outputs go
+        self._running: dict[str, tuple[RequestOutput, Callable]] = {}
         self._pending = 0  # admissions queued, not yet taken by the step thread
         self._pending_lock = threading.Lock()
         self._ids = itertools.count()
@@ -125,9 +125,8 @@ class AsyncEngine:
                        request_id: str | None = None) -> RequestOutput:
         """The complete output of one request (stream() collected)."""
         async for out in self.stream(prompt, params, policy=policy, request_id=request_id, stream_text=False):
-            if out.finished:
-                return out.output
-        raise AssertionError("a stream ends with its finished output")
+            pass
+        return out.output  # a stream ends with its finished output (or raises)
 
     async def abort(self, request_id: str) -> None:
         """Aborts a running request: it finishes with finish_reason "abort" at the next step and its blocks
@@ -169,41 +168,39 @@ class AsyncEngine:
         with self._pending_lock:
             self._pending -= 1
         done = lambda outcome: _post(a.loop, _resolve, a.admitted, outcome)  # noqa: E731
-        if a.request_id in self._outputs:
+        if a.request_id in self._running:
             return done(ValueError(f"request id {a.request_id!r} is already running"))
         policy = a.policy if a.policy is not None else self.engine.default_policy
 
         def sink(out: StreamOutput) -> None:
             if out.finished:
-                self._outputs.pop(a.request_id, None)
-                self._sinks.pop(a.request_id, None)
+                self._running.pop(a.request_id, None)
             for listener in self.listeners:
                 listener(out)
             a.sink(out)
 
-        self._sinks[a.request_id] = a.sink
         try:
             [out] = self.engine.add_requests([a.prompt], [a.params], [policy], sink, request_ids=[a.request_id],
                                              stream_text=a.stream_text)
         except BaseException as e:
-            self._sinks.pop(a.request_id, None)
             done(e)
             if isinstance(e, (ValueError, TypeError)):
                 return
             raise
         if out.finish_reason == "error":
-            self._sinks.pop(a.request_id, None)
             return done(RequestRejected(out.error))
-        self._outputs[a.request_id] = out
+        self._running[a.request_id] = (out, a.sink)
+        if "finished_time" in out.metrics:  # an offline generate in another thread stepped it to its end
+            self._running.pop(a.request_id, None)
         done(None)
 
     def _abort(self, request_id: str) -> None:
-        out = self._outputs.get(request_id)
-        if out is not None:
-            self.engine.abort_requests([out])
+        running = self._running.get(request_id)
+        if running is not None:
+            self.engine.abort_requests([running[0]])
 
     def _abort_all(self) -> None:
-        self.engine.abort_requests(list(self._outputs.values()))
+        self.engine.abort_requests([out for out, _ in list(self._running.values())])
 
     def _fail_all(self, error: EngineDeadError) -> None:
         while True:  # admissions still queued
@@ -213,7 +210,7 @@ class AsyncEngine:
                 break
             if kind == "add":
                 _post(arg.loop, _resolve, arg.admitted, error)
-        for sink in list(self._sinks.values()):
+        for _, sink in list(self._running.values()):
             sink(error)
         try:
             self._abort_all()

@@ -59,6 +59,19 @@ def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+def engine_dead(message: str) -> APIError:
+    return APIError(message, status=503, type="ServiceUnavailableError")
+
+
+def generation_failed(output: RequestOutput) -> APIError:
+    """A request whose model produced NaN/inf: a server-side failure, not bad input."""
+    return APIError(f"generation failed: {output.error}", status=500, type="InternalServerError")
+
+
+def sse(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
 def build_app(online: AsyncEngine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="rstitch-engine", docs_url=None, redoc_url=None)
     metrics = ServerMetrics(config.model_name, online)
@@ -75,8 +88,7 @@ def build_app(online: AsyncEngine, config: ServerConfig) -> FastAPI:
     async def health():
         if online.healthy:
             return Response(status_code=200)
-        return JSONResponse(APIError(f"the engine's step loop failed: {online.error!r}", status=503,
-                                     type="ServiceUnavailableError").body(), status_code=503)
+        return error_response(engine_dead(f"the engine's step loop failed: {online.error!r}"))
 
     @app.get("/v1/models")
     async def models():
@@ -103,8 +115,7 @@ def build_app(online: AsyncEngine, config: ServerConfig) -> FastAPI:
                 raise APIError(f"the model {parsed.model!r} does not exist; this server serves "
                                f"{config.model_name!r}", status=404, param="model", type="NotFoundError")
             if not online.healthy:
-                raise APIError(f"the engine's step loop failed: {online.error!r}", status=503,
-                               type="ServiceUnavailableError")
+                raise engine_dead(f"the engine's step loop failed: {online.error!r}")
             if config.max_waiting is not None and online.num_waiting >= config.max_waiting:
                 raise APIError(f"{online.num_waiting} requests are waiting already (--max-waiting "
                                f"{config.max_waiting}); retry later", status=503, type="ServiceUnavailableError",
@@ -157,7 +168,7 @@ async def _admit(online: AsyncEngine, parsed: ParsedRequest, prompts: list[list[
         if isinstance(e, (RequestRejected, ValueError, TypeError)):
             raise APIError(str(e), param=param) from None
         if isinstance(e, EngineDeadError):
-            raise APIError(str(e), status=503, type="ServiceUnavailableError") from None
+            raise engine_dead(str(e)) from None
         raise
     return admitted
 
@@ -231,11 +242,10 @@ class _Call:
         try:
             outputs = collecting.result()
         except EngineDeadError as e:
-            return error_response(APIError(str(e), status=503, type="ServiceUnavailableError"))
+            return error_response(engine_dead(str(e)))
         failed = next((o for o in outputs if o.finish_reason == "error"), None)
         if failed is not None:
-            return error_response(APIError(f"generation failed: {failed.error}", status=500,
-                                           type="InternalServerError"))
+            return error_response(generation_failed(failed))
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": [self._choice(i, o) for i, o in enumerate(outputs)],
                 "usage": usage(self.prompt_tokens, outputs), "rstitch": routing_stats(outputs)}
@@ -243,7 +253,7 @@ class _Call:
     def _chunk(self, choices: list[dict], **extra) -> str:
         body = {"id": self.id, "object": self.object + ".chunk" if self.chat else self.object,
                 "created": self.created, "model": self.model, "choices": choices, **extra}
-        return f"data: {json.dumps(body)}\n\n"
+        return sse(body)
 
     async def events(self):
         """Server-sent events: a chunk per commit and choice, each choice's last with finish_reason and its
@@ -255,12 +265,11 @@ class _Call:
                                     "finish_reason": None} for i in range(len(self.requests))])
             async for index, out in self._outputs():
                 if isinstance(out, EngineDeadError):
-                    yield f"data: {json.dumps(APIError(str(out), status=503, type='ServiceUnavailableError').body())}\n\n"
+                    yield sse(engine_dead(str(out)).body())
                     break
                 completion_tokens += len(out.token_ids)
                 if out.finished and out.output.finish_reason == "error":
-                    error = APIError(f"generation failed: {out.output.error}", status=500, type="InternalServerError")
-                    yield f"data: {json.dumps(error.body())}\n\n"
+                    yield sse(generation_failed(out.output).body())
                     break
                 if not (out.text or out.finished or (self.parsed.return_sources and out.token_ids)):
                     continue
