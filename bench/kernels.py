@@ -208,7 +208,7 @@ def _gemv_case(name, model, m, n, k, fused, unfused, unfused_name, cublas, ref, 
     first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
     return dict(name=name, shape=f"M={m} N={n} K={k} bf16 ({model})",
                 bytes=2 * (n * k + m * (x_cols or k) + m * n + extra_bytes), build=build, triton=fused,
-                torch=unfused, torch_name=unfused_name, cublas=cublas, gemv=True,
+                torch=unfused, torch_name=unfused_name, cublas=cublas, gemv=(m, n, k),
                 check=lambda a: _rel(first(fused(a)), first(ref(a))))
 
 
@@ -308,14 +308,14 @@ def decode_layer_cases(row_counts, context=1024, layers=8, page=16):
             def run(a, fused, n_layers=layers):
                 ops = O.Ops(triton=True)
                 if not fused:
-                    ops.rope_store = lambda q, k, v, pos, cs, kc, vc, sm: (apply_rotary(q, k, pos, cs),
-                                                                             store_kv(k, v, kc, vc, sm), q)[-1]
+                    ops.rope_store = lambda q, k, v, pos, cs, kc, vc, sm, nonfinite=None: (
+                        apply_rotary(q, k, pos, cs), store_kv(k, v, kc, vc, sm), q)[-1]
                 saved, O.FUSED_MAX_ROWS = O.FUSED_MAX_ROWS, 16 if fused else 0
                 try:
                     w = a["w"]
                     layers_w = ModelWeights(embed=w.embed, layers=w.layers[:n_layers], norm=w.norm, lm_head=w.lm_head)
-                    return forward(a["cfg"], layers_w, ops, a["ids"], a["positions"], a["caches"][:n_layers], a["meta"],
-                                   a["cos_sin"])
+                    return forward(a["cfg"], layers_w, ops, w.embed[a["ids"]], a["positions"], a["caches"][:n_layers],
+                                   a["meta"], a["cos_sin"])
                 finally:
                     O.FUSED_MAX_ROWS = saved
 
@@ -382,38 +382,55 @@ def kernel_module(name: str):
 
 
 def sweep(copy_gbs, l2_bytes):
-    """Alternative tuning constants for the two kernels that matter most; module constants are
-    read at launch, so setting them on the module is enough."""
+    """Alternative tuning constants for the kernels that matter most: stitch step and decode attention
+    through their module constants (read at launch), the skinny GEMVs per shape through
+    fused_linear.GEMV_CONFIGS, whose best entry per shape is returned for `load_gemv_configs`."""
     S, D, FL = (kernel_module(n) for n in ("stitch_step", "decode_attention", "fused_linear"))
     rows = []
+
+    def timed(case, consts):
+        sets = input_sets(case["bytes"], case["build"], l2_bytes)
+        us = graph_time_us([lambda a=a: case["triton"](a) for a in sets])
+        gbs = case["bytes"] / (us * 1e-6) / 1e9
+        rows.append(dict(kernel=case["name"], shape=case["shape"], consts=consts, triton_us=us,
+                         pct_copy_bw=100 * gbs / copy_gbs))
+        print(f"sweep {case['name']:24s} {case['shape']:45s} {consts} {us:9.2f} us {100 * gbs / copy_gbs:5.1f}%")
+
     grid = [(S, dict(NUM_WARPS=w, NUM_STAGES=st, PROGRAMS_PER_SM=p, BYTES_PER_THREAD=b), stitch_cases([1, 256], False))
             for w in (4, 8, 16) for st in (1, 3, 4) for p in (2, 4, 8) for b in (16, 32)]
     grid += [(D, dict(BLOCK_N=n, NUM_WARPS=w, PROGRAMS_PER_SM=p), decode_cases([1024, 8192], [(28, 4)]))
              for n in (32, 64, 128) for w in (4, 8) for p in (2, 4, 8)]
-    gemv = lambda: (c for c in fused_cases([1, 8, 16]) if c.get("gemv"))  # noqa: E731
-    fl_consts = [dict(BLOCK_N=n, BLOCK_K=k, NUM_STAGES=st) for n in (16, 32, 64) for k in (128, 256, 512)
-                 for st in (3, 4, 6)]
-    fl_consts += [dict(NUM_WARPS=2), dict(NUM_WARPS=8), dict(MIN_ROWS=16)]
-    fl_consts += [dict(MIN_TILES_PER_SM=2.0, SPLIT_PROGRAMS_PER_SM=p) for p in (2, 4)]  # split-K at every shape
-    grid += [(FL, consts, gemv()) for consts in fl_consts]
     for module, consts, cases in grid:
         saved = {k: getattr(module, k) for k in consts}
         for k, v in consts.items():
             setattr(module, k, v)
         try:
             for case in cases:
-                sets = input_sets(case["bytes"], case["build"], l2_bytes)
-                us = graph_time_us([lambda a=a: case["triton"](a) for a in sets])
-                gbs = case["bytes"] / (us * 1e-6) / 1e9
-                rows.append(dict(kernel=case["name"], shape=case["shape"], consts=consts, triton_us=us,
-                                 pct_copy_bw=100 * gbs / copy_gbs))
-                print(f"sweep {case['name']:24s} {case['shape']:45s} {consts} {us:9.2f} us {100 * gbs / copy_gbs:5.1f}%")
+                timed(case, consts)
         except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for one combination
             print(f"sweep {module.__name__} {consts}: {exc!r}"[:300])
         finally:
             for k, v in saved.items():
                 setattr(module, k, v)
-    return rows
+    gemv_grid = [dict(BLOCK_N=n, BLOCK_K=k, NUM_STAGES=st) for n in (16, 32, 64) for k in (128, 256, 512)
+                 for st in (3, 4, 6)]
+    gemv_grid += [dict(NUM_WARPS=2), dict(NUM_WARPS=8)] + [dict(SPLITS=p) for p in (1, 2, 4, 8)]
+    best = {}
+    for case in (c for c in fused_cases([1, 8, 16]) if c.get("gemv")):
+        m, n, k = case["gemv"]
+        shape = (max(FL.MIN_ROWS, 1 << (m - 1).bit_length()), n, k)
+        for consts in gemv_grid:
+            FL.GEMV_CONFIGS[shape] = consts
+            try:
+                timed(case, consts)
+                if shape not in best or rows[-1]["triton_us"] < best[shape][1]:
+                    best[shape] = (consts, rows[-1]["triton_us"])
+            except Exception as exc:  # noqa: BLE001
+                print(f"sweep gemv {shape} {consts}: {exc!r}"[:300])
+            finally:
+                del FL.GEMV_CONFIGS[shape]
+    configs = [dict(rows=r, n=n, k=k, **consts) for (r, n, k), (consts, _) in sorted(best.items())]
+    return rows, configs
 
 
 def markdown(meta, rows):
@@ -470,10 +487,13 @@ def main(argv=None) -> int:
         print(f"{row['kernel']:26s} {row['shape']:45s} {row['triton_us']:9.2f} us {row['gbs']:7.0f} GB/s "
               f"{row['pct_copy_bw']:5.1f}%  torch {torch_us} us{extra}")
     result = dict(meta=meta, cases=rows)
-    if args.sweep:
-        result["sweep"] = sweep(copy_gbs, props.L2_cache_size)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"kernels-{re.sub(r'[^A-Za-z0-9]+', '-', props.name).strip('-')}-{now:%Y-%m-%d-%H%M}"
+    if args.sweep:
+        result["sweep"], configs = sweep(copy_gbs, props.L2_cache_size)
+        path = RESULTS / f"{stem}-gemv-configs.json"
+        path.write_text(json.dumps(configs, indent=1))
+        print(f"wrote {path}: the fastest GEMV constants per shape (RSTITCH_GEMV_CONFIGS={path} to use them)")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{stem}.md").write_text(markdown(meta, rows))
     print(markdown(meta, rows))

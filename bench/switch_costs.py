@@ -95,8 +95,9 @@ def forward_ms(cfg, w, dtype, context: int, span: int, repeats: int) -> float:
     ids = torch.randint(0, cfg.vocab_size, (span,), dtype=torch.int32)
 
     def run():
-        hidden = forward(cfg, w, ops, ids, positions, pool.layers, meta, cos_sin)
-        ops.lm_head(hidden[-1:], w.lm_head)
+        hidden = forward(cfg, w, ops, w.embed[ids], positions, pool.layers, meta, cos_sin,
+                         logits_rows=meta.query_start_loc[1:] - 1)
+        ops.lm_head(hidden, w.lm_head)
 
     return median_ms(run, repeats)
 

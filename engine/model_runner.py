@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rstitch_engine.config import ModelConfig
@@ -18,6 +19,7 @@ from rstitch_engine.kernels.spec_verify import verify_drafts
 from .kv_pool import KVPool
 from .ops import AttentionMeta, Ops
 from .plan import DevicePlan, HostPlan
+from .readback import result_views
 
 
 class DeviceTables:
@@ -33,9 +35,9 @@ class DeviceTables:
         n = int(host_updates[0])  # NOTE: a pinned host tensor: no device sync
         if n == 0:
             return
-        index = host_updates[1:1 + n].to(self.blocks.device, non_blocking=True)
-        value = host_updates[1 + capacity:1 + capacity + n].to(self.blocks.device, non_blocking=True)
-        self.blocks.view(-1)[index.long()] = value
+        # one copy: [indices (capacity) | values], of which the first n of each are used
+        both = host_updates[1:1 + capacity + n].to(self.blocks.device, non_blocking=True)
+        self.blocks.view(-1)[both[:n].long()] = both[capacity:]
 
 
 @dataclass(frozen=True)
@@ -62,34 +64,44 @@ class ModelRunner:
         self.tables, self.vocab_limit, self.device, self.sched = tables, vocab_limit, device, sched
         self.plan = DevicePlan(sched, device)
         cap = self.plan.views.logits_indices.shape[0]
-        self.tokens = torch.zeros(cap, dtype=torch.int32, device=device)
-        self.entropies = torch.zeros(cap, dtype=torch.float32, device=device)
-        self.flags = torch.zeros(cap, dtype=torch.int32, device=device)
+        # token, entropy and flags per logits row, packed so that one copy brings them to the host
+        self.results = torch.zeros(3 * cap, dtype=torch.int32, device=device)
+        self.tokens, self.entropies, self.flags = result_views(self.results, cap)
         self.no_cutoff = torch.full((cap,), float("-inf"), device=device)
-        # NaN/inf detection independent of the attention backend (models/decoder.py `check`): a per-token
-        # sum over q/k/v and the final hidden state, and per sequence slot whether this model's KV of the
-        # request holds a non-finite value (sticky across steps: a chunked prefill decides nothing).
-        self.check = torch.zeros(self.plan.views.input_ids.shape[0], dtype=torch.float32, device=device)
-        self.nonfinite_slots = torch.zeros(tables.tokens.shape[0], dtype=torch.bool, device=device)
+        # NaN/inf detection independent of the attention backend (models/decoder.py `forward`): per sequence
+        # slot, whether this model's KV of the request holds a non-finite value, set by the layers through
+        # each token's slot, cleared where the KV is rebuilt from position 0 (kernels/embedding.py), read by
+        # the stitch step; sticky across steps, as a chunked prefill decides nothing.
+        self.token_slot = torch.zeros(self.plan.views.input_ids.shape[0], dtype=torch.int32, device=device)
+        self.nonfinite_slots = torch.zeros(tables.tokens.shape[0], dtype=torch.int32, device=device)
         self.cos_sin = cos_sin_table(cfg, max_model_len, device)
         self.scale = cfg.head_dim ** -0.5
         self.num_slots = tables.tokens.shape[0] - 1
-        self.router = None  # R-Stitch+: decides SLM rows with H > tau
+        self.router = None  # R-Stitch+: decides SLM rows with H > tau (set_router)
         self.graphs = None  # StepGraphs, once captured
 
-    def run(self, host: HostPlan, draft_logits: torch.Tensor | None = None) -> int:
-        """Executes the planned sub-batch; returns its number of logits rows (outputs [:n] are valid)."""
+    def run(self, host: HostPlan, draft_logits: torch.Tensor | None = None) -> tuple[int, np.ndarray | None]:
+        """Executes the planned sub-batch -> (n, order): outputs [:n] hold its logits rows, in plan order, or,
+        where a padded verify graph moved them, logits row l at outputs[order[l]]."""
         T, R, L = host.count("num_tokens"), host.count("num_rows"), host.count("num_logits")
         key = self.graphs.key(host) if self.graphs is not None else None
-        if key is not None:
-            host.pad(R, *key, self.num_slots)
-            self.plan.load(host)
-            self.graphs.replay(key)
-        else:
+        if key is None:
             self.plan.load(host)
             self.compute(T, R, L, host.count("max_query_len"), StepFlags.of(host), draft_logits,
                          max_seq_len=host.count("max_seq_len"))
-        return L
+            return L, None
+        rows, span, flags = key
+        self.graphs.ensure(key, draft_logits if flags.sampled_drafts or flags.verify and flags.sampling else None)
+        order = host.pad(R, rows, span, self.num_slots, every_token=flags.verify)
+        self.plan.load(host)
+        self.graphs.replay(key)
+        return (L, None) if order is None else (rows * span, order)
+
+    def set_router(self, router) -> None:
+        """Installs an R-Stitch+ DeviceRouter; graphs captured with the previous one are dropped."""
+        self.router = router
+        if self.graphs is not None:
+            self.graphs.forget(lambda flags: flags.router)
 
     def compute(self, T: int, R: int, L: int, max_query_len: int, flags: "StepFlags",
                 draft_logits: torch.Tensor | None = None, max_seq_len: int | None = None) -> None:
@@ -100,39 +112,21 @@ class ModelRunner:
         blocks = self.tables.blocks
         if max_seq_len is not None:
             blocks = blocks[:, :-(-max_seq_len // self.pool.block_size)]
-        token_index = v.token_index[:T]
-        input_ids = torch.where(token_index >= 0, self.tables.tokens.view(-1)[token_index.clamp(min=0)],
-                                v.input_ids[:T])
+        token_slot = self.token_slot[:T]
+        h = self.ops.embed_tokens(self.weights.embed, v.input_ids[:T], v.token_index[:T], self.tables.tokens.view(-1),
+                                  query_start_loc=v.query_start_loc[:R + 1], seq_slot=v.seq_slot[:R],
+                                  positions=v.positions[:T], slot_mapping=v.slot_mapping[:T], token_slot=token_slot,
+                                  nonfinite_slots=self.nonfinite_slots)
         meta = AttentionMeta(slot_mapping=v.slot_mapping[:T], block_tables=blocks,
                              seq_slot=v.seq_slot[:R], query_start_loc=v.query_start_loc[:R + 1],
                              seq_lens=v.seq_lens[:R], max_query_len=max_query_len, scale=self.scale)
-        check = self.check[:T]
-        check.zero_()
-        hidden = forward(self.cfg, self.weights, self.ops, input_ids, v.positions[:T], self.pool.layers, meta,
-                         self.cos_sin, check=check)
-        nonfinite = self._nonfinite_rows(check, T, R, L)
+        selected = forward(self.cfg, self.weights, self.ops, h, v.positions[:T], self.pool.layers, meta,
+                           self.cos_sin, logits_rows=v.logits_indices[:L], nonfinite=(token_slot, self.nonfinite_slots))
         if L:
-            selected = hidden[v.logits_indices[:L]]
-            self.decide(self.ops.lm_head(selected, self.weights.lm_head), selected, flags, L, draft_logits,
-                        nonfinite)
-
-    def _nonfinite_rows(self, check: torch.Tensor, T: int, R: int, L: int) -> torch.Tensor:
-        """[L] bool: the logits rows whose request has had a NaN/inf in this model's q/k/v or final hidden
-        states, in this step or since its KV was last built from position 0 (a row whose span holds a real
-        token at position 0 resets its slot). The stitch step flags those rows NAN, so the request fails
-        with an error naming the model. On the device, without a host sync (graph-capturable)."""
-        v = self.plan.views
-        bad = ~torch.isfinite(check)
-        fresh = (v.positions[:T] == 0) & (v.slot_mapping[:T] >= 0)  # padding tokens write no KV (slot -1)
-        counts = torch.nn.functional.pad(torch.stack([bad, fresh]).int().cumsum(-1), (1, 0))  # [2, T + 1]
-        qsl = v.query_start_loc[:R + 1].long()
-        per_row = (counts[:, qsl[1:]] - counts[:, qsl[:-1]]) > 0  # [2, R]: any bad / any fresh token
-        slot = v.seq_slot[:R].long()
-        self.nonfinite_slots[slot] = (self.nonfinite_slots[slot] & ~per_row[1]) | per_row[0]
-        return self.nonfinite_slots[v.out_slot[:L].long()]
+            self.decide(self.ops.lm_head(selected, self.weights.lm_head), selected, flags, L, draft_logits)
 
     def decide(self, logits: torch.Tensor, hidden: torch.Tensor, flags: "StepFlags", L: int,
-               draft_logits: torch.Tensor | None, nonfinite: torch.Tensor | None = None) -> None:
+               draft_logits: torch.Tensor | None) -> None:
         v, rows = self.plan.views, slice(0, L)
         temperature, top_k, top_p = v.temperature[rows], v.top_k[rows], v.top_p[rows]
         cutoff = self.no_cutoff[rows]
@@ -149,7 +143,7 @@ class ModelRunner:
                              sample_pos=v.sample_pos[rows], tau_up=tau_up, tau_down=v.tau_down[rows],
                              is_llm=int(self.model), token_table=self.tables.tokens, out_slot=v.out_slot[rows],
                              out_pos=v.out_pos[rows], out=(tokens, self.entropies[rows], result_flags),
-                             nonfinite=nonfinite)
+                             nonfinite_slots=self.nonfinite_slots)
         if flags.sampled_drafts:
             # Keep each draft's distribution for the rejection rule; other rows go to the sink slot.
             spec_index = v.spec_index[rows]

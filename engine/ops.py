@@ -45,7 +45,9 @@ class Ops:
         self.triton = triton
         suffix = "" if triton else "_ref"
         pick = lambda name: getattr(K, name + suffix)  # noqa: E731
+        self.embed_tokens = pick("embed_tokens")
         self.rms_norm = pick("rms_norm")
+        self.final_norm = pick("rms_norm_rows")
         self._decode = pick("paged_decode_attention")
         self._extend = pick("paged_extend_attention")
         self.silu_and_mul = pick("silu_and_mul")
@@ -75,8 +77,9 @@ class Ops:
         return unfused_silu_mul_linear(self.silu_and_mul, gate_up, weight, skinny_linear)
 
     def lm_head(self, hidden, weight):
-        """The output head on the deciding rows."""
-        return skinny_linear(hidden, weight)
+        """The output head on the deciding rows: a linear like the others (the skinny GEMV up to
+        FUSED_MAX_ROWS rows on the Triton path)."""
+        return self.linear(hidden, weight)
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMeta) -> torch.Tensor:
         if meta.max_query_len == 1:

@@ -28,7 +28,6 @@ class StepLoop:
                               for _ in range(2)]
         cap = next(iter(runners.values())).tokens.shape[0]
         self.results = [{m: StepResults(cap, device) for m in runners} for _ in range(2)]
-        self.copy_stream = torch.cuda.Stream(device) if pin else None
         self.inflight: deque = deque()
         self.next_step = 0
         self.draft_logits: torch.Tensor | None = None
@@ -48,8 +47,7 @@ class StepLoop:
                     continue
                 res = self.results[parity][m]
                 res.begin()
-                n = runner.run(plans[m], self.draft_logits)
-                res.fetch(runner.tokens[:n], runner.entropies[:n], runner.flags[:n], self.copy_stream)
+                res.fetch(runner.results, *runner.run(plans[m], self.draft_logits))
                 ran.append(m)
             self.inflight.append((step, parity, ran))
         events = []
@@ -80,3 +78,6 @@ class StepLoop:
             assert not self.inflight, "draft buffers are resized between generate calls only"
             slots = self.tables.tokens.shape[0]
             self.draft_logits = torch.zeros(slots, k, vocab_limit, dtype=dtype, device=self.device)
+            for runner in self.runners.values():  # graphs that store drafts wrote the old buffer
+                if runner.graphs is not None:
+                    runner.graphs.forget(lambda flags: flags.sampled_drafts or flags.verify)

@@ -8,11 +8,12 @@ call it.
 """
 from .activation import silu_and_mul, silu_and_mul_ref
 from .common import use_triton
+from .embedding import embed_tokens, embed_tokens_ref
 from .decode_attention import paged_decode_attention, paged_decode_attention_ref
 from .extend_attention import paged_extend_attention, paged_extend_attention_ref
 from .fused_linear import linear, linear_ref, norm_linear, norm_linear_ref, silu_mul_linear, silu_mul_linear_ref
 from .kv_store import store_kv, store_kv_ref
-from .norm import rms_norm, rms_norm_ref
+from .norm import rms_norm, rms_norm_ref, rms_norm_rows, rms_norm_rows_ref
 from .random import gumbel_noise, hash_u32_torch, uniform_noise
 from .rope_store import rope_store, rope_store_ref
 from .rotary import apply_rotary, apply_rotary_ref
@@ -25,7 +26,8 @@ __all__ = [
     "store_kv", "store_kv_ref",
     "paged_decode_attention", "paged_decode_attention_ref",
     "paged_extend_attention", "paged_extend_attention_ref",
-    "rms_norm", "rms_norm_ref",
+    "embed_tokens", "embed_tokens_ref",
+    "rms_norm", "rms_norm_ref", "rms_norm_rows", "rms_norm_rows_ref",
     "apply_rotary", "apply_rotary_ref",
     "silu_and_mul", "silu_and_mul_ref",
     "norm_linear", "norm_linear_ref", "linear", "linear_ref", "silu_mul_linear", "silu_mul_linear_ref",

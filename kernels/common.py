@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel files: implementation dispatch, device facts, a portable dot."""
+"""Helpers shared by the kernel files: implementation dispatch, device facts, a portable dot, and the
+last-arrival counters that let a split kernel merge its own partial results (one launch, not two)."""
 import functools
 import os
 
@@ -64,3 +65,32 @@ def dot(a, b):
     else:
         product = tl.dot(a, b)
     return product
+
+
+# NOTE: one pool of counters per device, all zero between launches (the last arrival resets its own), so
+# kernels queued on one stream share it. Sized so that graph capture never grows it (the largest user is a
+# split GEMV: one counter per 16 output columns).
+COUNTERS = 1 << 16
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least `n` int32 counters, zero, on `device`, for `last_arrival`."""
+    buf = _counters.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _counters[device] = torch.zeros(max(n, COUNTERS), dtype=torch.int32, device=device)
+    return buf
+
+
+@triton.jit
+def last_arrival(counter_ptr, arrivals):
+    """True in the last of the `arrivals` programs that call this on one counter, which it resets to 0 for
+    the next launch. That program merges the partial results the others stored: the atomic is acq_rel, so
+    their stores (released by their own arrival) are visible to it."""
+    # NOTE: the barriers order every thread's stores of this program before its arrival, and the last
+    # program's loads after it (the atomic itself is one thread's).
+    tl.debug_barrier()
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == arrivals - 1
+    tl.store(counter_ptr, 0, mask=last)
+    tl.debug_barrier()
+    return last

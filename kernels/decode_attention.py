@@ -7,19 +7,21 @@ group, so each K/V tile is read once per group.
 NOTE: the group's q heads are padded to 16 rows and multiplied with tl.dot (tensor cores). A
 broadcast multiply-sum would hold a [group, BLOCK_N, D] product in registers (7 x 64 x 128 floats);
 the padded rows cost only tensor-core cycles, which are idle in this memory-bound kernel.
-NOTE: each row's context is cut into `num_splits` equal, BLOCK_N-aligned ranges (computed in-kernel
-from its own length, so rows of any length fill all splits); splits past a short row's end exit at
-once. Partial outputs and base-2 log-sum-exps go to scratch, and a reduce kernel merges them.
-`num_splits=None` fills the device from B * Hkv and the widest context the block table allows, at most
-MAX_SPLITS: the block table of a graph spans max_model_len (131072 positions: 264 splits for the 1.5B at
-batch 1, a reduce padded to 512 that spilled), while the work follows each row's live length.
+NOTE: splits follow the live context, on the device. `num_splits` is the launched bound; each row's own
+length, read in-kernel, cuts its context into at most that many BLOCK_N-aligned ranges of at least
+MIN_TOKENS_PER_SPLIT keys (a 300-token row uses 2 splits, a 100k-token row all of them), and the splits
+past its end only arrive. Partial outputs and base-2 log-sum-exps go to scratch, and the last split of a
+(row, kv head) to arrive (common.last_arrival) merges them: one launch. `num_splits=None` fills the device
+from B * Hkv, bounded by MAX_SPLITS and by the widest context the block table allows: a graph's block
+table spans max_model_len (131072 positions: 264 splits for the 1.5B at batch 1 before this bound, and a
+merge padded to 512 that spilled), so the bound only limits idle programs.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .attention_tile import LOG2E, attend_paged, head_pad
-from .common import num_sms
+from .common import arrival_counters, last_arrival, num_sms
 from .extend_attention import paged_extend_attention_ref
 
 BLOCK_N = 64
@@ -30,27 +32,43 @@ MAX_SPLITS = 64  # bounds the idle programs of a short live context and the redu
 
 
 @triton.jit
-def _split_length(seq_len, num_splits, BLOCK_N: tl.constexpr):
-    return tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+def _split_length(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
+    """Keys per split of a row of `seq_len` keys: BLOCK_N-aligned, at least MIN_SPLIT."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+
+
+@triton.jit
+def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, part, ran, head_out,
+                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """One q head: the softmax-weighted mean of its `ran` split outputs (part: index of split 0)."""
+    split = tl.arange(0, SPLITS_PAD)
+    valid = split < ran
+    lse = tl.load(part_lse_ptr + part + split, mask=valid, other=-1.0e30, cache_modifier=".cg")  # no inf - inf
+    weight = tl.where(valid, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)
+    dims = tl.arange(0, HEAD_PAD)
+    dim_mask = dims < HEAD_DIM
+    parts = tl.load(part_out_ptr + (part + split)[:, None] * HEAD_DIM + dims[None, :],
+                    mask=valid[:, None] & dim_mask[None, :], other=0.0, cache_modifier=".cg")
+    total = tl.sum(weight, axis=0)
+    out = tl.sum(weight[:, None] * parts, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(head_out + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_slot_ptr, seq_lens_ptr,
-                   out_ptr, part_out_ptr, part_lse_ptr, scale_log2e, num_splits,
+                   out_ptr, part_out_ptr, part_lse_ptr, counter_ptr, scale_log2e, num_splits,
                    q_stride_b, q_stride_h, out_stride_b, out_stride_h, bt_stride,
                    stride_block, stride_offset, stride_head,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, FUSED: tl.constexpr):
+                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                   FUSED: tl.constexpr):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + row)
-    split_len = _split_length(seq_len, num_splits, BLOCK_N)
+    split_len = _split_length(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
     key_begin = split * split_len
-    if not FUSED:
-        if key_begin >= seq_len:
-            return  # past this row's end; the reduce kernel knows which splits ran
-    key_end = tl.minimum(key_begin + split_len, seq_len)
+    key_end = tl.minimum(key_begin + split_len, seq_len)  # <= key_begin past the row's end: no keys
 
     group = tl.arange(0, GROUP_PAD)
     head_mask = group < GROUP
@@ -67,32 +85,16 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_slot_p
         tl.store(out_ptr + row * out_stride_b + heads[:, None] * out_stride_h + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        part = (row * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [B, Hq, splits]
-        tl.store(part_lse_ptr + part, m + tl.log2(l), mask=head_mask)
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=mask)
-
-
-@triton.jit
-def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, out_stride_b, out_stride_h,
-                          num_splits, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          SPLITS_PAD: tl.constexpr):
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + row)
-    ran = tl.cdiv(seq_len, tl.maximum(_split_length(seq_len, num_splits, BLOCK_N), 1))
-    split = tl.arange(0, SPLITS_PAD)
-    valid = split < ran
-    part = (row * tl.num_programs(1) + head) * num_splits + split
-    lse = tl.load(part_lse_ptr + part, mask=valid, other=-1.0e30)  # finite: no inf - inf
-    weight = tl.where(valid, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)
-    dims = tl.arange(0, HEAD_PAD)
-    dim_mask = dims < HEAD_DIM
-    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None] & dim_mask[None, :],
-                    other=0.0)
-    total = tl.sum(weight, axis=0)
-    out = tl.sum(weight[:, None] * parts, axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + row * out_stride_b + head * out_stride_h + dims, out.to(out_ptr.dtype.element_ty),
-             mask=dim_mask)
+        part = (row * GROUP * tl.num_programs(1) + heads) * num_splits  # split 0 of each head: [B, Hq, splits]
+        tl.store(part_lse_ptr + part + split, m + tl.log2(tl.maximum(l, 1.0)), mask=head_mask)  # l: 0 or >= 1
+        tl.store(part_out_ptr + (part + split)[:, None] * HEAD_DIM + dims[None, :], out, mask=mask)
+        if last_arrival(counter_ptr + row * tl.num_programs(1) + kv_head, num_splits):
+            ran = tl.cdiv(seq_len, split_len)
+            first = (row * GROUP * tl.num_programs(1) + kv_head * GROUP) * num_splits
+            for g in range(GROUP):
+                _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, first + g * num_splits, ran,
+                              out_ptr + row * out_stride_b + (kv_head * GROUP + g) * out_stride_h,
+                              HEAD_DIM, HEAD_PAD, SPLITS_PAD)
 
 
 def _default_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
@@ -112,21 +114,19 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_slot, seq_lens
     group = num_q_heads // num_kv_heads
     if num_splits is None:
         num_splits = _default_splits(batch, num_kv_heads, block_tables.shape[1] * page, q.device)
-    scratch_out = scratch_lse = out
+    scratch_out = scratch_lse = counters = out
     if num_splits > 1:
         scratch_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
         scratch_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        counters = arrival_counters(q.device, batch * num_kv_heads)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_slot, seq_lens, out, scratch_out, scratch_lse, scale * LOG2E, num_splits,
+        q, k_cache, v_cache, block_tables, seq_slot, seq_lens, out, scratch_out, scratch_lse, counters,
+        scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        HEAD_PAD=head_pad(head_dim), PAGE=page, BLOCK_N=BLOCK_N, FUSED=num_splits == 1, num_warps=NUM_WARPS)
-    if num_splits > 1:
-        _decode_reduce_kernel[(batch, num_q_heads)](
-            scratch_out, scratch_lse, seq_lens, out, out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim), BLOCK_N=BLOCK_N,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=NUM_WARPS)
+        HEAD_PAD=head_pad(head_dim), PAGE=page, BLOCK_N=BLOCK_N, MIN_SPLIT=MIN_TOKENS_PER_SPLIT,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), FUSED=num_splits == 1, num_warps=NUM_WARPS)
     return out
 
 

@@ -22,25 +22,33 @@ needs |r * norm_weight| < 65504, as r itself is already an fp16 residual stream.
 programs write r when a residual is added.
 NOTE: split-K. With fewer than MIN_TILES_PER_SM N tiles per SM, K is cut into splits (about
 SPLIT_PROGRAMS_PER_SM programs per SM); each writes float32 partial sums (and partial sum(r^2)) to
-scratch and a second kernel adds them in split order (deterministic) and runs the same epilogue. The
-real shapes (N >= 1536: 96+ tiles of 16 on 132 SMs) stay in one kernel by default.
+scratch, and the last split of an N tile to arrive (common.last_arrival) adds them in split order
+(deterministic) and runs the same epilogue: one launch either way. The real shapes (N >= 1536: 96+
+tiles of 16 on 132 SMs) do not split by default.
 NOTE: residual adds. The decoder adds the o_proj and down outputs in the next norm_linear's prologue,
 which keeps the unfused path (F.linear + rms_norm with residual) at its kernel count and both paths
 rounding the residual stream at the same points; so no GEMV has a residual epilogue.
 Launch grids depend on shapes only (no host sync): CUDA-graph capturable.
 
-Tuning constants (module level, read at launch; bench/kernels.py --sweep times alternatives). Expected
+Tuning constants (module level, read at launch; bench/kernels.py --sweep times alternatives), overridden
+per shape by GEMV_CONFIGS: (rows padded to a power of two, N, K) -> the constants measured best there,
+which `bench/kernels.py --sweep` writes as JSON and `load_gemv_configs` (or RSTITCH_GEMV_CONFIGS=<file>,
+read at the first launch) installs. Expected
 H100 choice, to be confirmed by the sweep: BLOCK_N 16 (32 at M = 16 if x reloads show), BLOCK_K 256,
 4 warps, 4 stages, MIN_ROWS 1 (sm_90a: 26-29 KB shared memory and 40-96 registers at M = 1, 49-75 KB
 and up to 133 registers at M = 16, no spills), no split-K at the real shapes.
 """
+import json
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .activation import silu_and_mul_ref
-from .common import dot, num_sms
+from .common import arrival_counters, dot, last_arrival, num_sms
 from .norm import rms_norm_ref
 
 BLOCK_N = 16
@@ -49,9 +57,14 @@ NUM_WARPS = 4
 NUM_STAGES = 4
 MIN_TILES_PER_SM = 0.5
 SPLIT_PROGRAMS_PER_SM = 2
-REDUCE_BLOCK_N = 128
 MIN_ROWS = 1
 MAX_ROWS = 16
+
+# (rows padded, N, K) -> {name: value} of TUNABLE, measured on a device (see the module docstring)
+GEMV_CONFIGS: dict[tuple[int, int, int], dict[str, int]] = {}
+TUNABLE = ("BLOCK_N", "BLOCK_K", "NUM_STAGES", "NUM_WARPS", "SPLITS")
+POWERS_OF_TWO = ("BLOCK_N", "BLOCK_K", "NUM_WARPS")
+_configs_from_env = False
 
 PLAIN = tl.constexpr(0)
 NORM = tl.constexpr(1)
@@ -99,7 +112,7 @@ def _epilogue(acc, sumsq, rows, cols, n_rows, N, K, eps, bias_ptr, out_ptr, out_
 
 @triton.jit
 def _gemv_kernel(x_ptr, residual_ptr, norm_weight_ptr, w_ptr, bias_ptr, out_ptr, residual_out_ptr,
-                 part_ptr, part_sumsq_ptr, n_rows, N, K, k_tiles_per_split, eps,
+                 part_ptr, part_sumsq_ptr, counter_ptr, n_rows, N, K, k_tiles_per_split, splits, eps,
                  x_stride, residual_stride, w_stride, out_stride, residual_out_stride,
                  PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -121,31 +134,57 @@ def _gemv_kernel(x_ptr, residual_ptr, norm_weight_ptr, w_ptr, bias_ptr, out_ptr,
         w = tl.load(w_rows + k[None, :], mask=(cols < N)[:, None] & (k < K)[None, :], other=0.0)
         acc += dot(x.to(w.dtype), tl.trans(w))
     if SPLIT:
+        # partials [splits, M, N] and, per N tile, sum(r^2) [tiles, splits, M]; the last split merges them
         row_mask = rows < n_rows
-        tl.store(part_ptr + (split * n_rows + rows[:, None]) * N + cols[None, :], acc,
-                 mask=row_mask[:, None] & (cols < N)[None, :])
-        if PROLOGUE == NORM and tile == 0:  # a branch, not a mask: see _operand
-            tl.store(part_sumsq_ptr + split * n_rows + rows, sumsq, mask=row_mask)
+        part_mask = row_mask[:, None] & (cols < N)[None, :]
+        part = part_ptr + rows[:, None] * N + cols[None, :]
+        sumsq_part = part_sumsq_ptr + tile * splits * n_rows + rows
+        tl.store(part + split * n_rows * N, acc, mask=part_mask)
+        tl.store(sumsq_part + split * n_rows, sumsq, mask=row_mask)
+        if last_arrival(counter_ptr + tile, splits):
+            acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+            sumsq = tl.zeros([ROWS], tl.float32)
+            for s in range(splits):
+                acc += tl.load(part + s * n_rows * N, mask=part_mask, other=0.0, cache_modifier=".cg")
+                sumsq += tl.load(sumsq_part + s * n_rows, mask=row_mask, other=0.0, cache_modifier=".cg")
+            _epilogue(acc, sumsq, rows, cols, n_rows, N, K, eps, bias_ptr, out_ptr, out_stride, PROLOGUE == NORM,
+                      HAS_BIAS)
     else:
         _epilogue(acc, sumsq, rows, cols, n_rows, N, K, eps, bias_ptr, out_ptr, out_stride, PROLOGUE == NORM, HAS_BIAS)
 
 
-@triton.jit
-def _gemv_reduce_kernel(part_ptr, part_sumsq_ptr, bias_ptr, out_ptr, n_rows, N, K, splits, eps, out_stride,
-                        NORM_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    """Split-K pass 2: partials [splits, M, N] added in split order, then the epilogue."""
-    rows = tl.arange(0, ROWS)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
-    acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
-    sumsq = tl.zeros([ROWS], tl.float32)
-    for split in range(splits):
-        acc += tl.load(part_ptr + (split * n_rows + rows[:, None]) * N + cols[None, :],
-                       mask=row_mask[:, None] & (cols < N)[None, :], other=0.0)
-        if NORM_SCALE:
-            sumsq += tl.load(part_sumsq_ptr + split * n_rows + rows, mask=row_mask, other=0.0)
-    _epilogue(acc, sumsq, rows, cols, n_rows, N, K, eps, bias_ptr, out_ptr, out_stride, NORM_SCALE, HAS_BIAS)
+def load_gemv_configs(path) -> int:
+    """Installs per-shape GEMV choices from a JSON list of {"rows", "n", "k"} plus any of TUNABLE (positive;
+    BLOCK_N, BLOCK_K and NUM_WARPS powers of two); returns how many. Errors name the file and the entry."""
+    try:
+        entries = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"GEMV configs {path}: {e}") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"GEMV configs {path}: expected a JSON list of entries")
+    configs = {}
+    for i, entry in enumerate(entries):
+        values = entry if isinstance(entry, dict) else {}
+        keys = set(values) - {"rows", "n", "k"}
+        shape = [values.get(k) for k in ("rows", "n", "k")]
+        bad = [k for k in keys if k not in TUNABLE or not isinstance(values[k], int) or values[k] < 1
+               or (k in POWERS_OF_TWO and values[k] & (values[k] - 1))]
+        if not all(isinstance(v, int) and v > 0 for v in shape) or bad:
+            raise ValueError(f"GEMV configs {path}, entry {i}: expected positive ints rows, n, k and any of "
+                             f"{', '.join(TUNABLE)} (positive ints; powers of two for {', '.join(POWERS_OF_TWO)}); "
+                             f"got {entry!r}")
+        configs[tuple(shape)] = {k: values[k] for k in keys}
+    GEMV_CONFIGS.update(configs)
+    return len(configs)
+
+
+def _config(rows: int, N: int, K: int) -> dict[str, int]:
+    global _configs_from_env
+    if not _configs_from_env:
+        _configs_from_env = True
+        if os.environ.get("RSTITCH_GEMV_CONFIGS"):
+            load_gemv_configs(os.environ["RSTITCH_GEMV_CONFIGS"])
+    return GEMV_CONFIGS.get((rows, N, K), {})
 
 
 def _default_splits(n_tiles: int, k_tiles: int, device: torch.device) -> int:
@@ -165,28 +204,29 @@ def _gemv(x, weight, out, prologue, K, residual=None, norm_weight=None, residual
         assert t is None or t.stride(-1) == 1
     if n_rows == 0:
         return out
-    n_tiles, k_tiles = triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K)
-    splits = _default_splits(n_tiles, k_tiles, x.device) if num_splits is None else num_splits
+    rows = max(MIN_ROWS, triton.next_power_of_2(n_rows))
+    config = _config(rows, N, K)
+    block_n, block_k = config.get("BLOCK_N", BLOCK_N), config.get("BLOCK_K", BLOCK_K)
+    n_tiles, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
+    splits = num_splits if num_splits is not None else \
+        config.get("SPLITS") or _default_splits(n_tiles, k_tiles, x.device)
     k_tiles_per_split = triton.cdiv(k_tiles, max(1, min(splits, k_tiles)))
     splits = triton.cdiv(k_tiles, k_tiles_per_split)
-    part = part_sumsq = out
+    part = part_sumsq = counters = out
     if splits > 1:
         part = torch.empty((splits, n_rows, N), dtype=torch.float32, device=x.device)
-        part_sumsq = torch.empty((splits, n_rows), dtype=torch.float32, device=x.device)
+        part_sumsq = torch.empty((n_tiles, splits, n_rows), dtype=torch.float32, device=x.device)
+        counters = arrival_counters(x.device, n_tiles)
     # absent operands: any tensor of the right kind, never read (constexpr flags)
     residual_ = residual if residual is not None else x
     residual_out_ = residual_out if residual_out is not None else x
-    flags = dict(HAS_BIAS=bias is not None, ROWS=max(MIN_ROWS, triton.next_power_of_2(n_rows)))
     _gemv_kernel[(n_tiles, splits)](
         x, residual_, norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight,
-        out, residual_out_, part, part_sumsq, n_rows, N, K, k_tiles_per_split, eps,
+        out, residual_out_, part, part_sumsq, counters, n_rows, N, K, k_tiles_per_split, splits, eps,
         x.stride(0), residual_.stride(0), weight.stride(0), out.stride(0), residual_out_.stride(0),
-        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, SPLIT=splits > 1,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS, **flags)
-    if splits > 1:
-        _gemv_reduce_kernel[(triton.cdiv(N, REDUCE_BLOCK_N),)](
-            part, part_sumsq, bias if bias is not None else weight, out, n_rows, N, K, splits, eps,
-            out.stride(0), NORM_SCALE=prologue == NORM, BLOCK_N=REDUCE_BLOCK_N, num_warps=4, **flags)
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1,
+        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=config.get("NUM_STAGES", NUM_STAGES),
+        num_warps=config.get("NUM_WARPS", NUM_WARPS))
     return out
 
 

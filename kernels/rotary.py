@@ -9,7 +9,14 @@ import triton.language as tl
 
 
 @triton.jit
+def count_nonfinite(x, mask):
+    """How many of the unmasked elements of x are NaN or +-inf."""
+    return tl.sum(tl.sum(tl.where(mask & ((x != x) | (tl.abs(x) == float("inf"))), 1, 0), axis=1), axis=0)
+
+
+@triton.jit
 def _rotate_heads(ptr, stride_head, num_heads, cos, sin, HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
+    """Rotates the heads in place; returns how many of their inputs were not finite."""
     heads = tl.arange(0, HEADS_PAD)[:, None]
     mask = heads < num_heads
     first = ptr + heads * stride_head + tl.arange(0, HALF)[None, :]
@@ -17,6 +24,7 @@ def _rotate_heads(ptr, stride_head, num_heads, cos, sin, HEADS_PAD: tl.constexpr
     x2 = tl.load(first + HALF, mask=mask).to(tl.float32)
     tl.store(first, (x1 * cos - x2 * sin).to(ptr.dtype.element_ty), mask=mask)
     tl.store(first + HALF, (x2 * cos + x1 * sin).to(ptr.dtype.element_ty), mask=mask)
+    return count_nonfinite(x1, mask) + count_nonfinite(x2, mask)
 
 
 @triton.jit

@@ -4,17 +4,19 @@ One read of each logits row gives
   * H = (-sum p log p) / ln V over all V columns (softmax at temperature 1, online: m, S0, S1),
   * the next token: greedy argmax, or Gumbel-max sampling with the counter-based noise of random.py,
   * flags = KEEP | NEXT_LLM (rstitch_engine.protocol.ResultFlag; NAN alone: the row has a NaN or +inf
-    logit, or the caller's `nonfinite[row]` says its hidden states had one; token -1, H NaN).
+    logit, or the caller's `nonfinite_slots[out_slot[row]]` says its request's attention inputs had one;
+    token -1, H NaN).
 
-`nonfinite` exists because NaN detection must not depend on how an attention backend treats NaN (torch's
-CPU SDPA and the reference's nan_to_num turn a NaN query into zeros, so the logits can stay finite): the
-model runner checks its hidden states and attention inputs per row and hands the result in here.
+`nonfinite_slots` exists because NaN detection must not depend on how an attention backend treats NaN
+(torch's CPU SDPA and the reference's nan_to_num turn a NaN query into zeros, so the logits can stay
+finite): the rope + KV-store op marks the sequence slots whose q/k/v held one (kernels/rope_store.py).
 
 Temperatures below GREEDY_TEMPERATURE (sampling_params.py, 1e-5) are greedy: logits / T overflows for tiny T.
 
 NOTE: split-V. A single program streaming a 300 KB row is latency-bound, so for small L each row is
-cut into `splits` contiguous ranges of whole chunks: pass 1 writes one partial (m, S0, S1, best score,
-best id, bad) per range and a tiny pass 2 combines them. `num_splits=None` aims at about
+cut into `splits` contiguous ranges of whole chunks: each program writes one partial (m, S0, S1, best
+score, best id, bad) per range, and the last of a row's programs to arrive (common.last_arrival)
+combines them: one launch. `num_splits=None` aims at about
 PROGRAMS_PER_SM programs per SM (L=1 -> one chunk per program; L >= 4 * SMs -> one fused pass).
 The choice depends only on L, V and the device, so a launch is CUDA-graph capturable.
 """
@@ -28,7 +30,7 @@ from rstitch_engine.protocol import ResultFlag, Stream
 
 from rstitch_engine.sampling_params import GREEDY_TEMPERATURE
 
-from .common import num_sms
+from .common import arrival_counters, last_arrival, num_sms
 from .random import gumbel_from_hash, gumbel_noise, hash_u32
 
 NUM_WARPS = 8
@@ -83,10 +85,10 @@ def _finish_row(row, m, s0, s1, best_id, bad, inv_log_v, tau_up_ptr, tau_down_pt
 @triton.jit
 def _stitch_scan_kernel(logits_ptr, V, vocab_limit, inv_log_v, chunks_per_split, splits,
                         temperature_ptr, cutoff_ptr, seed_ptr, sample_pos_ptr, tau_up_ptr, tau_down_ptr,
-                        tokens_ptr, entropy_ptr, flags_ptr, partials_ptr,
-                        table_ptr, table_stride, out_slot_ptr, out_pos_ptr, nonfinite_ptr,
+                        tokens_ptr, entropy_ptr, flags_ptr, partials_ptr, counter_ptr,
+                        table_ptr, table_stride, out_slot_ptr, out_pos_ptr, nonfinite_slots_ptr,
                         IS_LLM: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_NONFINITE: tl.constexpr,
-                        FUSED: tl.constexpr,
+                        FUSED: tl.constexpr, SPLITS_PAD: tl.constexpr,
                         BLOCK_V: tl.constexpr, STREAM: tl.constexpr, NUM_STAGES: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -140,35 +142,37 @@ def _stitch_scan_kernel(logits_ptr, V, vocab_limit, inv_log_v, chunks_per_split,
     best_row, best_id_row = _merge_argmax(best, best_id)
     bad_row = tl.max(bad.to(tl.int32), axis=0) > 0
     if HAS_NONFINITE:
-        bad_row = bad_row | (tl.load(nonfinite_ptr + row) != 0)
+        bad_row = bad_row | (tl.load(nonfinite_slots_ptr + tl.load(out_slot_ptr + row)) != 0)
     if FUSED:
         _finish_row(row, m_row, s0_row, s1_row, best_id_row, bad_row, inv_log_v, tau_up_ptr, tau_down_ptr,
                     tokens_ptr, entropy_ptr, flags_ptr, table_ptr, table_stride, out_slot_ptr, out_pos_ptr,
                     IS_LLM, HAS_TABLE)
     else:
-        part = partials_ptr + (row * FIELDS * splits + split)
-        tl.store(part, m_row)
-        tl.store(part + splits, s0_row)
-        tl.store(part + 2 * splits, s1_row)
-        tl.store(part + 3 * splits, best_row)
-        tl.store(part + 4 * splits, best_id_row.to(tl.float32))
-        tl.store(part + 5 * splits, bad_row.to(tl.float32))
+        part = partials_ptr + row * FIELDS * splits
+        tl.store(part + split, m_row)
+        tl.store(part + splits + split, s0_row)
+        tl.store(part + 2 * splits + split, s1_row)
+        tl.store(part + 3 * splits + split, best_row)
+        tl.store(part + 4 * splits + split, best_id_row.to(tl.float32))
+        tl.store(part + 5 * splits + split, bad_row.to(tl.float32))
+        if last_arrival(counter_ptr + row, splits):
+            _combine_row(row, part, splits, inv_log_v, tau_up_ptr, tau_down_ptr, tokens_ptr, entropy_ptr, flags_ptr,
+                         table_ptr, table_stride, out_slot_ptr, out_pos_ptr, IS_LLM, HAS_TABLE, SPLITS_PAD)
 
 
 @triton.jit
-def _stitch_combine_kernel(partials_ptr, splits, inv_log_v, tau_up_ptr, tau_down_ptr,
-                           tokens_ptr, entropy_ptr, flags_ptr, table_ptr, table_stride, out_slot_ptr, out_pos_ptr,
-                           IS_LLM: tl.constexpr, HAS_TABLE: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    row = tl.program_id(0)
+def _combine_row(row, part, splits, inv_log_v, tau_up_ptr, tau_down_ptr,
+                 tokens_ptr, entropy_ptr, flags_ptr, table_ptr, table_stride, out_slot_ptr, out_pos_ptr,
+                 IS_LLM: tl.constexpr, HAS_TABLE: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Merges a row's `splits` partials (part: its [FIELDS, splits] block) and finishes the row."""
     idx = tl.arange(0, SPLITS_PAD)
     valid = idx < splits
-    part = partials_ptr + row * FIELDS * splits + idx
-    m = tl.load(part, mask=valid, other=NEG_BIG)
-    s0 = tl.load(part + splits, mask=valid, other=0.0)
-    s1 = tl.load(part + 2 * splits, mask=valid, other=0.0)
-    best = tl.load(part + 3 * splits, mask=valid, other=float("-inf"))
-    best_id = tl.load(part + 4 * splits, mask=valid, other=0.0).to(tl.int32)
-    bad = tl.load(part + 5 * splits, mask=valid, other=0.0)
+    m = tl.load(part + idx, mask=valid, other=NEG_BIG, cache_modifier=".cg")
+    s0 = tl.load(part + splits + idx, mask=valid, other=0.0, cache_modifier=".cg")
+    s1 = tl.load(part + 2 * splits + idx, mask=valid, other=0.0, cache_modifier=".cg")
+    best = tl.load(part + 3 * splits + idx, mask=valid, other=float("-inf"), cache_modifier=".cg")
+    best_id = tl.load(part + 4 * splits + idx, mask=valid, other=0.0, cache_modifier=".cg").to(tl.int32)
+    bad = tl.load(part + 5 * splits + idx, mask=valid, other=0.0, cache_modifier=".cg")
     m_row, s0_row, s1_row = _merge_softmax_stats(m, s0, s1)
     _, best_id_row = _merge_argmax(best, best_id)
     _finish_row(row, m_row, s0_row, s1_row, best_id_row, tl.max(bad, axis=0) > 0, inv_log_v,
@@ -186,12 +190,14 @@ def _outputs(logits: torch.Tensor, out):
 
 
 def stitch_step(logits, vocab_limit, *, temperature, cutoff, seed, sample_pos, tau_up, tau_down, is_llm,
-                token_table=None, out_slot=None, out_pos=None, out=None, num_splits=None, nonfinite=None):
+                token_table=None, out_slot=None, out_pos=None, out=None, num_splits=None, nonfinite_slots=None):
     """Triton launcher: -> (tokens [L] int32, entropy [L] float32, flags [L] int32).
     `num_splits` (rows cut into that many ranges) is chosen from L, V and the device when None.
-    `nonfinite` ([L], nonzero: flag the row NAN whatever its logits) is optional."""
+    `nonfinite_slots` ([sequence slots] int32, nonzero: flag the rows of that slot NAN whatever their
+    logits; read at `out_slot`) is optional."""
     n_rows, vocab = logits.shape
     assert logits.is_contiguous() and 0 < vocab_limit <= vocab
+    assert nonfinite_slots is None or out_slot is not None, "nonfinite_slots is read at out_slot"
     tokens, entropy, flags = outputs = _outputs(logits, out)
     if n_rows == 0:
         return outputs
@@ -201,28 +207,26 @@ def stitch_step(logits, vocab_limit, *, temperature, cutoff, seed, sample_pos, t
         num_splits = triton.cdiv(PROGRAMS_PER_SM * num_sms(logits.device), n_rows)
     chunks_per_split = triton.cdiv(n_chunks, max(1, min(num_splits, n_chunks)))
     splits = triton.cdiv(n_chunks, chunks_per_split)
-    partials = torch.empty((n_rows, FIELDS.value, splits), dtype=torch.float32, device=logits.device) \
-        if splits > 1 else entropy
-    has_table = token_table is not None
-    table_args = (token_table, token_table.stride(0), out_slot, out_pos) if has_table else (tokens, 0, tokens, tokens)
-    flags_kw = dict(IS_LLM=bool(is_llm), HAS_TABLE=has_table)
-    has_nonfinite = nonfinite is not None
-    inv_log_v = 1.0 / math.log(vocab)
-    _stitch_scan_kernel[(n_rows, splits)](
-        logits, vocab, vocab_limit, inv_log_v, chunks_per_split, splits,
-        temperature, cutoff, seed, sample_pos, tau_up, tau_down,
-        tokens, entropy, flags, partials, *table_args, nonfinite if has_nonfinite else tokens,
-        HAS_NONFINITE=has_nonfinite, FUSED=splits == 1, BLOCK_V=block_v, STREAM=STITCH_STREAM, NUM_STAGES=NUM_STAGES,
-        num_warps=NUM_WARPS, **flags_kw)
+    partials = counters = entropy
     if splits > 1:
-        _stitch_combine_kernel[(n_rows,)](
-            partials, splits, inv_log_v, tau_up, tau_down, tokens, entropy, flags, *table_args,
-            SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1, **flags_kw)
+        partials = torch.empty((n_rows, FIELDS.value, splits), dtype=torch.float32, device=logits.device)
+        counters = arrival_counters(logits.device, n_rows)
+    has_table = token_table is not None
+    table_args = (token_table if has_table else tokens, token_table.stride(0) if has_table else 0,
+                  tokens if out_slot is None else out_slot, out_pos if has_table else tokens)
+    has_nonfinite = nonfinite_slots is not None
+    _stitch_scan_kernel[(n_rows, splits)](
+        logits, vocab, vocab_limit, 1.0 / math.log(vocab), chunks_per_split, splits,
+        temperature, cutoff, seed, sample_pos, tau_up, tau_down,
+        tokens, entropy, flags, partials, counters, *table_args, nonfinite_slots if has_nonfinite else tokens,
+        IS_LLM=bool(is_llm), HAS_TABLE=has_table, HAS_NONFINITE=has_nonfinite, FUSED=splits == 1,
+        SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_V=block_v, STREAM=STITCH_STREAM, NUM_STAGES=NUM_STAGES,
+        num_warps=NUM_WARPS)
     return outputs
 
 
 def stitch_step_ref(logits, vocab_limit, *, temperature, cutoff, seed, sample_pos, tau_up, tau_down, is_llm,
-                    token_table=None, out_slot=None, out_pos=None, out=None, num_splits=None, nonfinite=None):
+                    token_table=None, out_slot=None, out_pos=None, out=None, num_splits=None, nonfinite_slots=None):
     """Plain-torch reference (the CPU runtime's implementation); `num_splits` is ignored."""
     x = logits.float()
     n_rows, vocab = x.shape
@@ -230,8 +234,8 @@ def stitch_step_ref(logits, vocab_limit, *, temperature, cutoff, seed, sample_po
     plogp = torch.where(logp > float("-inf"), logp.exp() * logp, 0.0)
     entropy = -plogp.sum(-1) / math.log(vocab)
     bad = (x.isnan() | (x == float("inf"))).any(-1)
-    if nonfinite is not None:
-        bad = bad | (nonfinite != 0)
+    if nonfinite_slots is not None:
+        bad = bad | (nonfinite_slots[out_slot.long()] != 0)
 
     head = x[:, :vocab_limit]
     sampled = temperature >= GREEDY_TEMPERATURE

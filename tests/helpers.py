@@ -24,7 +24,7 @@ def engine_logits(path, ids: list[int], *, dtype=torch.float32, triton: bool = F
     meta = AttentionMeta(slot_mapping=slots, block_tables=order[None], seq_slot=i32(0), query_start_loc=i32(0, T),
                          seq_lens=i32(T), max_query_len=T, scale=cfg.head_dim ** -0.5)
     ops = Ops(triton)
-    hidden = forward(cfg, w, ops, torch.tensor(ids), torch.arange(T, dtype=torch.int32), pool.layers,
+    hidden = forward(cfg, w, ops, w.embed[torch.tensor(ids)], torch.arange(T, dtype=torch.int32), pool.layers,
                      meta, cos_sin_table(cfg, T))
     return ops.lm_head(hidden, w.lm_head).float()
 

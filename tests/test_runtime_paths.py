@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rstitch_engine import Engine, SamplingParams, policies
+from rstitch_engine.protocol import SLM
 
 PROMPTS = [[5, 17, 200], list(range(40, 52))]
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
@@ -37,6 +38,36 @@ def test_emulated_graphs_match_eager(pair, reference_outputs):
     spans = {key[1] for key in replays}
     assert rows <= {1, 2} and 1 in spans, "decode steps must go through the padded graph path"
     assert spans & {2, 4, 8, 16}, "catch-up extends must go through the padded extend graphs"
+
+
+def test_emulated_graph_variants_match_eager(pair):
+    """Steps with top-p cutoffs, the R-Stitch+ router (a new router drops the old one's graphs), sampled
+    drafts and their verification replay their own graph variants, with the eager path's tokens."""
+    from rstitch_engine.router import Router
+
+    kw = dict(slm=pair[0], llm=pair[1], device="cpu", block_size=4, kv_cache_gb=0.01)
+    graphs, eager = Engine(**kw, cuda_graphs="emulate"), Engine(**kw)
+    torch.manual_seed(0)
+    routers = [Router(32, width=16), Router(32, width=16)]
+    sampled = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=3)
+    runs = [(sampled, policies.RStitch(tau=0.72)), (sampled, policies.SpecDecode(k=3)), (GREEDY, policies.SpecDecode(k=2)),
+            (GREEDY, policies.RStitchPlus(router=routers[0], tau=0.5)),
+            (GREEDY, policies.RStitchPlus(router=routers[1], tau=0.5))]
+    replayed = []
+    for runner in graphs.runtime.runners.values():
+        original = runner.graphs.replay
+        runner.graphs.replay = lambda key, original=original: (replayed.append(key[2]), original(key))
+    slm_graphs = graphs.runtime.runners[SLM].graphs.graphs
+    for i, (params, policy) in enumerate(runs):
+        if i == len(runs) - 1:
+            first_router = {k: v for k, v in slm_graphs.items() if k[2].router}
+        _same(graphs.generate(PROMPTS, params, policy, use_tqdm=False),
+              eager.generate(PROMPTS, params, policy, use_tqdm=False))
+    assert any(f.top_k_top_p and not f.router for f in replayed)
+    assert any(f.router for f in replayed) and any(f.sampled_drafts for f in replayed)
+    assert any(f.verify and f.sampling for f in replayed) and any(f.verify and not f.sampling for f in replayed)
+    assert first_router and all(slm_graphs.get(k) is not v for k, v in first_router.items()), \
+        "graphs of the first router must not serve the second"
 
 
 @pytest.mark.slow
@@ -97,3 +128,28 @@ def test_extend_padding_places_each_rows_tokens_last(pair):
     assert v.query_start_loc[:5].tolist() == [0, 4, 8, 12, 16]
     assert v.logits_indices[:4].tolist() == [3, 7, 11, 15]
     assert v.seq_lens[:4].tolist() == [8, 10, 0, 0] and v.seq_slot[:4].tolist() == [0, 1, 63, 63]
+
+
+def test_verify_padding_moves_every_logits_row_with_its_token(pair):
+    """HostPlan.pad(every_token=True): two verify rows (3 tokens, then 2) into the (2 rows, span 4) shape:
+    each token keeps its logits row, the group's first row is renumbered, and `order` tells where each
+    logits row went."""
+    from rstitch_engine.engine.plan import HostPlan
+
+    eng = Engine(slm=pair[0], llm=pair[1], device="cpu", block_size=4, kv_cache_gb=0.01)
+    host = HostPlan(eng.sched, pin=False)
+    v = host.views
+    v.query_start_loc[:3] = [0, 3, 5]
+    v.positions[:5], v.slot_mapping[:5] = [5, 6, 7, 9, 10], [50, 51, 52, 60, 61]
+    v.logits_indices[:5], v.verify_start[:5], v.spec_index[:5] = range(5), [0, 0, 0, 3, 3], [0, 1, 2, 0, 1]
+    v.sample_pos[:5], v.out_slot[:5] = [6, 7, 8, 10, 11], [0, 0, 0, 1, 1]
+    v.seq_lens[:2], v.seq_slot[:2] = [8, 11], [0, 1]
+    order = host.pad(2, 2, 4, sink_slot=63, every_token=True)
+    assert order.tolist() == [1, 2, 3, 6, 7]
+    assert v.positions[:8].tolist() == [0, 5, 6, 7, 0, 0, 9, 10]
+    assert v.logits_indices[:8].tolist() == list(range(8))
+    assert v.verify_start[:8].tolist() == [-1, 1, 1, 1, -1, -1, 6, 6]
+    assert v.spec_index[:8].tolist() == [-1, 0, 1, 2, -1, -1, 0, 1]
+    assert v.sample_pos[:8].tolist() == [0, 6, 7, 8, 0, 0, 10, 11]
+    assert v.out_slot[:8].tolist() == [63, 0, 0, 0, 63, 63, 1, 1]
+    assert v.out_pos[[0, 4, 5]].tolist() == [-1, -1, -1]

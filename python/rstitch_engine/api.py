@@ -111,7 +111,9 @@ class Engine:
     def _warm_up(self) -> None:
         """Runs each loaded model's paths once, so that their kernels compile here, not in a timed request:
         a prompt extend and decode steps at batch 1, a catch-up, and a batch above the fused-GEMV row limit
-        (engine/ops.py FUSED_MAX_ROWS). Leaves the engine as it was (seeds drawn, request ids used)."""
+        (engine/ops.py FUSED_MAX_ROWS), greedy and with top-p sampling (R1-distill's recommended 0.6 / 0.95:
+        the cutoff's graph variant is captured here, not in the first sampled request). Leaves the engine as
+        it was (seeds drawn, request ids used)."""
         from rstitch_engine.engine.ops import FUSED_MAX_ROWS
 
         from .policies import Forced
@@ -121,9 +123,11 @@ class Engine:
         prompt = [t % self.vocab_limit for t in range(3, 43)]
         rows = min(2 * FUSED_MAX_ROWS, self.config.max_num_seqs)
         policies = [p for p in (SLMOnly(), LLMOnly(), Forced(pattern="1-2")) if p.models <= set(self.paths)]
+        sampled = SamplingParams(max_tokens=4, temperature=0.6, top_p=0.95, seed=0, ignore_eos=True)
         for policy in policies:
             self.generate([prompt], params, policy, use_tqdm=False)
             self.generate([prompt[:2 + i % 5] for i in range(rows)], params, policy, use_tqdm=False)
+            self.generate([prompt], sampled, policy, use_tqdm=False)
         self._rng.setstate(state)
         self._next_id = next_id
 
@@ -199,7 +203,7 @@ class Engine:
         if router.hidden_size != self.configs[SLM].hidden_size:
             raise ValueError(f"the router reads hidden states of size {router.hidden_size}, the SLM's are "
                              f"{self.configs[SLM].hidden_size}")
-        self.runtime.runners[SLM].router = router.to(self.device).on_device(p.temperature)
+        self.runtime.runners[SLM].set_router(router.to(self.device).on_device(p.temperature))
         self._router_key = key
 
     # ---- the online core: requests join between steps, one step loop serves every caller ---------------------

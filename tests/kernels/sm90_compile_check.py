@@ -76,7 +76,7 @@ def run_launchers():
         for is_llm, table in [(0, None), (1, torch.zeros(8, 64, dtype=torch.int32))]:
             K.stitch_step(logits, 151936, temperature=rows, cutoff=rows, seed=ints.long(), sample_pos=ints,
                           tau_up=rows, tau_down=rows, is_llm=is_llm, token_table=table, out_slot=ints,
-                          out_pos=ints, num_splits=splits)
+                          out_pos=ints, num_splits=splits, nonfinite_slots=ints if is_llm else None)
     for hq, hkv in [(28, 4), (12, 2)]:
         k_cache = torch.zeros(64, 16, hkv, 128, dtype=bf16)
         tables = torch.zeros(32, 64, dtype=torch.int32)
@@ -112,6 +112,15 @@ def run_launchers():
         K.rms_norm(x, x[0], 1e-6, residual=x)
         K.silu_and_mul(torch.zeros(32, 2 * hidden, dtype=bf16))
     K.rms_norm(torch.zeros(32 * 28, 128, dtype=bf16), torch.zeros(128, dtype=bf16), 1e-6)
+    for hidden in (1536, 3584):  # the step's first and last ops: embedding with NaN tracking, final norm
+        embed, ints = torch.zeros(151936, hidden, dtype=bf16), torch.zeros(8, dtype=torch.int32)
+        table = torch.zeros(64 * 1024, dtype=torch.int32)
+        K.embed_tokens(embed, ints, ints, table)
+        K.embed_tokens(embed, ints, ints, table, query_start_loc=torch.arange(9, dtype=torch.int32), seq_slot=ints,
+                       positions=ints, slot_mapping=ints, token_slot=ints, nonfinite_slots=ints)
+        x = torch.zeros(8, hidden, dtype=bf16)
+        K.rms_norm_rows(x, x[0], 1e-6, x, ints[:1])
+        K.rms_norm_rows(x, x[0], 1e-6, x, ints)
     run_fused_launchers()
 
 
@@ -135,8 +144,9 @@ def run_fused_launchers():
         q = torch.empty(32, hq + 2 * hkv, 128, dtype=bf16)
         k_cache = torch.empty(64, 16, hkv, 128, dtype=bf16)
         slots = torch.arange(32, dtype=torch.int32)
-        rope_store(q[:, :hq], q[:, hq:hq + hkv], q[:, hq + hkv:], slots, torch.empty(4096, 128), k_cache, k_cache,
-                   slots)
+        for nonfinite in (None, (slots, slots)):
+            rope_store(q[:, :hq], q[:, hq:hq + hkv], q[:, hq + hkv:], slots, torch.empty(4096, 128), k_cache,
+                       k_cache, slots, nonfinite=nonfinite)
 
 
 def resource_usage(cubin: bytes, workdir: str) -> str:

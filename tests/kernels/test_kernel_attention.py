@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kernel_test_utils import DEVICE, PagedKV, assert_close, dense_attention, poison, randn
+from rstitch_engine.kernels.common import arrival_counters
 from rstitch_engine.kernels import (paged_decode_attention, paged_decode_attention_ref, paged_extend_attention,
                                     paged_extend_attention_ref, store_kv)
 
@@ -20,6 +21,7 @@ def check_decode(seq_lens, num_q_heads, num_kv_heads, head_dim, page, dtype, num
     args = (q, kv.k_cache, kv.v_cache, kv.block_tables, seq_slot, kv.seq_lens, scale)
     out = poison(torch.empty_like(q))
     assert paged_decode_attention(*args, out=out, num_splits=num_splits) is out
+    assert not arrival_counters(q.device, 1).any(), "the merging split resets its counter for the next launch"
     assert_close(out, paged_decode_attention_ref(*args), dtype)
     live = [r for r in range(batch) if seq_lens[r] > 0]
     dense = dense_attention([q[r:r + 1] for r in live], [kv.keys[r] for r in live], [kv.values[r] for r in live],
@@ -36,6 +38,8 @@ def check_decode(seq_lens, num_q_heads, num_kv_heads, head_dim, page, dtype, num
     ([33, 200, 5], 4, 2, 32, 64, torch.float16, 4),
     ([9, 40, 0], 4, 2, 8, 4, torch.float32, 3),    # head dims below tl.dot's 16 and not powers of two:
     ([21, 3], 4, 1, 80, 8, torch.bfloat16, None),  # tiles padded to 16 / 128, the padding masked
+    ([600, 1300, 257, 0], 8, 2, 32, 16, torch.float32, 4),  # splits of >= 256 keys, merged by the last one
+    ([700, 300], 4, 1, 64, 16, torch.bfloat16, None),
 ])
 def test_decode(seq_lens, num_q_heads, num_kv_heads, head_dim, page, dtype, num_splits):
     check_decode(seq_lens, num_q_heads, num_kv_heads, head_dim, page, dtype, num_splits,

@@ -216,3 +216,54 @@ def test_fused_linear_real_shapes_cuda(model, rows):
 def test_rope_store_real_shapes_cuda(model, tokens):
     num_q_heads, num_kv_heads = (12, 2) if model == "1.5B" else (28, 4)
     check_rope_store(tokens, num_q_heads, num_kv_heads, 128, 16, torch.bfloat16, num_blocks=2048)
+
+
+# ---------------------------------------------------------------- per-shape GEMV choices
+
+
+class _RecordingLaunch:
+    """Stands in for a kernel: records each launch's grid and constexprs, then launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_gemv_configs_choose_the_launch_per_shape(monkeypatch, tmp_path):
+    import json
+
+    from rstitch_engine.kernels import fused_linear as FL
+
+    recording = _RecordingLaunch(FL._gemv_kernel)
+    monkeypatch.setattr(FL, "_gemv_kernel", recording)
+    monkeypatch.setattr(FL, "GEMV_CONFIGS", {})
+    path = tmp_path / "gemv.json"
+    path.write_text(json.dumps([dict(rows=2, n=70, k=300, BLOCK_N=32, BLOCK_K=128, NUM_STAGES=3, SPLITS=3)]))
+    assert FL.load_gemv_configs(path) == 1
+    gen = torch.Generator().manual_seed(11)
+    x, w = randn(2, 300, generator=gen), weights(70, 300, torch.float32, gen)
+    assert_close(linear(x, w), linear_ref(x, w))
+    assert_close(linear(x[:1], w), linear_ref(x[:1], w))  # 1 row: another shape, the defaults
+    (grid, chosen), (_, default) = recording.launches
+    assert grid == (3, 3) and (chosen["BLOCK_N"], chosen["BLOCK_K"], chosen["NUM_STAGES"]) == (32, 128, 3)
+    assert (default["BLOCK_N"], default["BLOCK_K"]) == (FL.BLOCK_N, FL.BLOCK_K)
+
+
+@pytest.mark.parametrize("entries, problem", [
+    ("{}", "expected a JSON list"), ("[{\"rows\": 1, \"n\": 8}]", "entry 0"),
+    ("[{\"rows\": 1, \"n\": 8, \"k\": 8, \"BLOCK_N\": 24}]", "powers of two"),
+    ("[{\"rows\": 1, \"n\": 8, \"k\": 8, \"WARPS\": 4}]", "entry 0"), ("[oops", "gemv.json")])
+def test_gemv_configs_name_the_file_and_the_bad_entry(monkeypatch, tmp_path, entries, problem):
+    from rstitch_engine.kernels import fused_linear as FL
+
+    monkeypatch.setattr(FL, "GEMV_CONFIGS", {})
+    path = tmp_path / "gemv.json"
+    path.write_text(entries)
+    with pytest.raises(ValueError, match=problem) as info:
+        FL.load_gemv_configs(path)
+    assert str(path) in str(info.value) and FL.GEMV_CONFIGS == {}

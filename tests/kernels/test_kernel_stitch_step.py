@@ -266,12 +266,14 @@ def test_tiny_temperatures_are_greedy(num_splits):
 
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_nonfinite_rows_are_flagged_whatever_their_logits(num_splits):
-    """`nonfinite[row]` (the runner's check of hidden states and attention inputs) flags a row NAN even
-    when its logits are finite, on the Triton path and the reference alike."""
+    """`nonfinite_slots[out_slot[row]]` (set by the layers' rope + KV store where q/k/v held a NaN) flags a
+    row NAN even when its logits are finite, on the Triton path and the reference alike."""
     args = make_args(4, 4099, 4099, torch.float32, seed=9)
-    nonfinite = torch.tensor([False, True, False, True], device=DEVICE)
-    tokens, entropy, flags = run_poisoned(args, 1, num_splits=num_splits, nonfinite=nonfinite)
-    ref = stitch_step_ref(**args, is_llm=1, nonfinite=nonfinite)
+    out_slot = torch.tensor([2, 0, 3, 5], dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor([1, 0, 0, 0, 0, 7, 0], dtype=torch.int32, device=DEVICE)  # nonzero: bad
+    kw = dict(out_slot=out_slot, nonfinite_slots=slots)
+    tokens, entropy, flags = run_poisoned(args, 1, num_splits=num_splits, **kw)
+    ref = stitch_step_ref(**args, is_llm=1, **kw)
     clean = stitch_step_ref(**args, is_llm=1)
     assert tokens[[1, 3]].tolist() == [-1, -1] and flags[[1, 3]].tolist() == [4, 4]
     assert entropy[[1, 3]].isnan().all()

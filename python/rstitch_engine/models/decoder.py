@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 
@@ -36,40 +35,37 @@ class ModelWeights:
     lm_head: torch.Tensor             # the embedding itself when tied
 
 
-def forward(cfg: ModelConfig, w: ModelWeights, ops, input_ids: torch.Tensor, positions: torch.Tensor,
+def forward(cfg: ModelConfig, w: ModelWeights, ops, h: torch.Tensor, positions: torch.Tensor,
             kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta, cos_sin: torch.Tensor,
-            check: torch.Tensor | None = None) -> torch.Tensor:
-    """Hidden states after the final norm, [T, hidden]; K/V of the new tokens are stored at meta.slot_mapping.
+            logits_rows: torch.Tensor | None = None, nonfinite=None) -> torch.Tensor:
+    """h [T, hidden]: the tokens' embeddings -> hidden states after the final norm, of the rows `logits_rows`
+    only ([L, hidden], gathered by the norm) or of all T. K/V of the new tokens are stored at meta.slot_mapping.
 
-    `check` ([T] float32, optional) accumulates, per token, the float32 sum of every layer's q/k/v (the
-    attention inputs) and of the final hidden state: non-finite exactly when one of them held a NaN or an
-    inf (for finite values it would need magnitudes near 1e34 to overflow). It is read after the forward,
-    on the device, so that NaN is detected whatever an attention backend makes of a NaN query or key
-    (torch's CPU SDPA and the reference's nan_to_num return zeros, which would keep the logits finite).
+    `nonfinite` ((token_slot, nonfinite_slots), optional): every layer's rope + KV-store op marks the sequence
+    slots whose q/k/v held a NaN or an inf (kernels/rope_store.py), so that NaN is detected whatever an
+    attention backend makes of a NaN query or key (torch's CPU SDPA and the reference's nan_to_num return
+    zeros, which would keep the logits finite); a NaN after the last attention reaches the logits, which the
+    stitch step checks.
 
     Per layer: norm + qkv, (q/k norm,) rope + KV store, attention, o_proj, norm + gate_up, SwiGLU + down.
     NOTE: o_proj and down outputs join the residual stream where it is next normalised (post-attention
     norm, next layer's input norm, final norm), rounded as the references round: the unfused path (large
     batches) keeps its add-in-norm kernels, and the fused path reads the two parts in its prologue."""
-    T, eps, D = input_ids.shape[0], cfg.rms_norm_eps, cfg.head_dim
-    h = F.embedding(input_ids, w.embed)
+    T, eps, D = h.shape[0], cfg.rms_norm_eps, cfg.head_dim
     residual = None
     for lw, (k_cache, v_cache) in zip(w.layers, kv_caches):
         qkv, residual = ops.norm_linear(h, residual, lw.input_norm, lw.qkv, lw.qkv_bias, eps)
-        if check is not None:
-            check.add_(qkv.sum(-1, dtype=torch.float32))
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         if cfg.qk_norm:
             q = ops.rms_norm(q.reshape(-1, D), lw.q_norm, eps)
             k = ops.rms_norm(k.reshape(-1, D), lw.k_norm, eps)
         q = ops.rope_store(q.reshape(T, cfg.num_heads, D), k.reshape(T, cfg.num_kv_heads, D),
-                           v.reshape(T, cfg.num_kv_heads, D), positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
+                           v.reshape(T, cfg.num_kv_heads, D), positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
+                           nonfinite=nonfinite)
         o = ops.attention(q, k_cache, v_cache, meta)
         h = ops.linear(o.reshape(T, cfg.q_size), lw.o_proj)
         gate_up, residual = ops.norm_linear(h, residual, lw.post_norm, lw.gate_up, None, eps)
         h = ops.silu_mul_linear(gate_up, lw.down)
-    out, _ = ops.rms_norm(h, w.norm, eps, residual)
-    if check is not None:
-        check.add_(out.sum(-1, dtype=torch.float32))
-    return out
-
+    if logits_rows is None:
+        logits_rows = torch.arange(T, device=h.device)
+    return ops.final_norm(h, w.norm, eps, residual, logits_rows)
