@@ -168,13 +168,26 @@ def stage_tput(c: Check) -> None:
     eng = c.engine(overlap=c.device.type == "cuda")
     prompt = synthetic_prompts(1, c.prompt_len, eng.vocab_limit)
     params = SamplingParams(max_tokens=c.new_tokens, temperature=0.0, ignore_eos=True)
-    rows = run_bench(eng, prompt, [policies.SLMOnly(), policies.Forced.periodic(0.1, 8, c.new_tokens),
-                                   policies.Forced.periodic(0.37, 2, c.new_tokens)], params)
+    patterns = [policies.Forced.periodic(0.1, 8, c.new_tokens), policies.Forced.periodic(0.37, 2, c.new_tokens)]
+    rows = run_bench(eng, prompt, [policies.SLMOnly(), *patterns], params)
     for r in rows:
         r = e2e.with_roofline(r, eng, bandwidth)
         c.fact("batch1", policy=r["policy"], tok_s=r["tok_s"], decode_tok_s=r["decode_tok_s"],
                tok_s_vs_llm=r["tok_s_vs_llm"], llm_share=r["llm_share"], pct_roofline=r["pct_roofline"],
                roofline_tok_s=r["roofline_tok_s"])
+    # The cost model from this run's own forward times (router/calibrate.py, a small grid): each forced
+    # pattern's forwards priced one by one, against its measured latency (target: within 10%).
+    from rstitch_engine.router import Grid, calibrate
+
+    spans = tuple(sorted({2, 4, 8, 16, c.prompt_len}))  # the catch-ups and the prompt; contexts: one chunk only
+    latency = calibrate(eng, Grid(new_tokens=spans, kv_chunks=(0,), decode_kv=(64, c.prompt_len + c.new_tokens),
+                                  batch_sizes=(1,), warmup=1, repeats=3), progress=False)
+    for r in (r for r in rows if r["policy"] in {p.name for p in patterns}):
+        predicted = sum(latency.estimate(t) for t in r["traces"]) / 1e3
+        measured = r["mean_latency_s"] * r["requests"]
+        error = 100 * (measured / predicted - 1)
+        status = None if c.dry else "PASS" if abs(error) <= 10 else "FAIL"  # the interpreter prices nothing real
+        c.fact("cost_model", status, policy=r["policy"], measured_s=measured, predicted_s=predicted, error_pct=error)
     sampled = SamplingParams(max_tokens=c.new_tokens, temperature=0.6, top_p=0.95, seed=1, ignore_eos=True)
     r = time_policy(eng, prompt, sampled, policies.SLMOnly())
     c.fact("batch1_sampled", policy="slm", sampling="temperature 0.6, top_p 0.95", tok_s=r["tok_s"])

@@ -418,7 +418,8 @@ def sweep(copy_gbs, l2_bytes):
     best = {}
     for case in (c for c in fused_cases([1, 8, 16]) if c.get("gemv")):
         m, n, k = case["gemv"]
-        shape = (max(FL.MIN_ROWS, 1 << (m - 1).bit_length()), n, k)
+        shape = (max(FL.MIN_ROWS, 1 << (m - 1).bit_length()), n, k, "bfloat16")  # the cases' weights
+        installed = FL.GEMV_CONFIGS.get(shape)
         for consts in gemv_grid:
             FL.GEMV_CONFIGS[shape] = consts
             try:
@@ -427,9 +428,10 @@ def sweep(copy_gbs, l2_bytes):
                     best[shape] = (consts, rows[-1]["triton_us"])
             except Exception as exc:  # noqa: BLE001
                 print(f"sweep gemv {shape} {consts}: {exc!r}"[:300])
-            finally:
-                del FL.GEMV_CONFIGS[shape]
-    configs = [dict(rows=r, n=n, k=k, **consts) for (r, n, k), (consts, _) in sorted(best.items())]
+        FL.GEMV_CONFIGS.pop(shape)
+        if installed is not None:
+            FL.GEMV_CONFIGS[shape] = installed
+    configs = [dict(rows=r, n=n, k=k, dtype=d, **consts) for (r, n, k, d), (consts, _) in sorted(best.items())]
     return rows, configs
 
 

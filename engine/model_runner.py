@@ -80,18 +80,25 @@ class ModelRunner:
         self.router = None  # R-Stitch+: decides SLM rows with H > tau (set_router)
         self.graphs = None  # StepGraphs, once captured
 
-    def run(self, host: HostPlan, draft_logits: torch.Tensor | None = None) -> tuple[int, np.ndarray | None]:
-        """Executes the planned sub-batch -> (n, order): outputs [:n] hold its logits rows, in plan order, or,
-        where a padded verify graph moved them, logits row l at outputs[order[l]]."""
-        T, R, L = host.count("num_tokens"), host.count("num_rows"), host.count("num_logits")
+    def prepare(self, host: HostPlan, draft_logits: torch.Tensor | None = None):
+        """The graph key of this plan (None: it runs eagerly), with its graph captured if it was not yet:
+        before the step's timing starts, as a first-use capture is no part of the step."""
         key = self.graphs.key(host) if self.graphs is not None else None
+        if key is not None:
+            flags = key[2]
+            self.graphs.ensure(key, draft_logits if flags.sampled_drafts or flags.verify and flags.sampling else None)
+        return key
+
+    def run(self, host: HostPlan, key, draft_logits: torch.Tensor | None = None) -> tuple[int, np.ndarray | None]:
+        """Executes the planned sub-batch (`key` from `prepare`) -> (n, order): outputs [:n] hold its logits
+        rows, in plan order, or, where a padded verify graph moved them, logits row l at outputs[order[l]]."""
+        T, R, L = host.count("num_tokens"), host.count("num_rows"), host.count("num_logits")
         if key is None:
             self.plan.load(host)
             self.compute(T, R, L, host.count("max_query_len"), StepFlags.of(host), draft_logits,
                          max_seq_len=host.count("max_seq_len"))
             return L, None
         rows, span, flags = key
-        self.graphs.ensure(key, draft_logits if flags.sampled_drafts or flags.verify and flags.sampling else None)
         order = host.pad(R, rows, span, self.num_slots, every_token=flags.verify)
         self.plan.load(host)
         self.graphs.replay(key)

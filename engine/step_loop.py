@@ -46,8 +46,9 @@ class StepLoop:
                 if plans[m].count("num_rows") == 0:
                     continue
                 res = self.results[parity][m]
+                key = runner.prepare(plans[m], self.draft_logits)
                 res.begin()
-                res.fetch(runner.results, *runner.run(plans[m], self.draft_logits))
+                res.fetch(runner.results, *runner.run(plans[m], key, self.draft_logits))
                 ran.append(m)
             self.inflight.append((step, parity, ran))
         events = []

@@ -67,18 +67,22 @@ def dot(a, b):
     return product
 
 
-# NOTE: one pool of counters per device, all zero between launches (the last arrival resets its own), so
-# kernels queued on one stream share it. Sized so that graph capture never grows it (the largest user is a
-# split GEMV: one counter per 16 output columns).
+# NOTE: one buffer of counters per device, all zero between launches (the last arrival resets its own), so
+# kernels queued on one stream share it; kernels on concurrent streams must not (the engine runs every step
+# on one stream). Allocated once, at the first split launch (a warm-up, never a graph capture), and never
+# replaced: captured graphs hold its address. The largest user is a split GEMV: one counter per N tile.
 COUNTERS = 1 << 16
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least `n` int32 counters, zero, on `device`, for `last_arrival`."""
+    """The device's int32 counters (all zero), at least `n` of them, for `last_arrival`."""
+    if n > COUNTERS:
+        raise ValueError(f"a split launch needs {n} arrival counters, more than the {COUNTERS} there are: "
+                         f"use fewer, larger tiles")
     buf = _counters.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _counters[device] = torch.zeros(max(n, COUNTERS), dtype=torch.int32, device=device)
+    if buf is None:
+        buf = _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
     return buf
 
 

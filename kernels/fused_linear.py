@@ -31,9 +31,9 @@ rounding the residual stream at the same points; so no GEMV has a residual epilo
 Launch grids depend on shapes only (no host sync): CUDA-graph capturable.
 
 Tuning constants (module level, read at launch; bench/kernels.py --sweep times alternatives), overridden
-per shape by GEMV_CONFIGS: (rows padded to a power of two, N, K) -> the constants measured best there,
-which `bench/kernels.py --sweep` writes as JSON and `load_gemv_configs` (or RSTITCH_GEMV_CONFIGS=<file>,
-read at the first launch) installs. Expected
+per shape by GEMV_CONFIGS: (rows padded to a power of two, N, K, weight dtype) -> the constants measured
+best there, which `bench/kernels.py --sweep` writes as JSON and `load_gemv_configs` installs, or
+RSTITCH_GEMV_CONFIGS=<file> at the first launch (entries installed explicitly win). Expected
 H100 choice, to be confirmed by the sweep: BLOCK_N 16 (32 at M = 16 if x reloads show), BLOCK_K 256,
 4 warps, 4 stages, MIN_ROWS 1 (sm_90a: 26-29 KB shared memory and 40-96 registers at M = 1, 49-75 KB
 and up to 133 registers at M = 16, no spills), no split-K at the real shapes.
@@ -60,10 +60,11 @@ SPLIT_PROGRAMS_PER_SM = 2
 MIN_ROWS = 1
 MAX_ROWS = 16
 
-# (rows padded, N, K) -> {name: value} of TUNABLE, measured on a device (see the module docstring)
-GEMV_CONFIGS: dict[tuple[int, int, int], dict[str, int]] = {}
+# (rows padded, N, K, weight dtype name) -> {name: value} of TUNABLE, measured on a device (module docstring)
+GEMV_CONFIGS: dict[tuple[int, int, int, str], dict[str, int]] = {}
 TUNABLE = ("BLOCK_N", "BLOCK_K", "NUM_STAGES", "NUM_WARPS", "SPLITS")
 POWERS_OF_TWO = ("BLOCK_N", "BLOCK_K", "NUM_WARPS")
+MIN_BLOCK = 16  # BLOCK_N and BLOCK_K: tl.dot's smallest tile on sm_90
 _configs_from_env = False
 
 PLAIN = tl.constexpr(0)
@@ -153,9 +154,11 @@ def _gemv_kernel(x_ptr, residual_ptr, norm_weight_ptr, w_ptr, bias_ptr, out_ptr,
         _epilogue(acc, sumsq, rows, cols, n_rows, N, K, eps, bias_ptr, out_ptr, out_stride, PROLOGUE == NORM, HAS_BIAS)
 
 
-def load_gemv_configs(path) -> int:
-    """Installs per-shape GEMV choices from a JSON list of {"rows", "n", "k"} plus any of TUNABLE (positive;
-    BLOCK_N, BLOCK_K and NUM_WARPS powers of two); returns how many. Errors name the file and the entry."""
+def load_gemv_configs(path, replace: bool = True) -> int:
+    """Installs per-shape GEMV choices from a JSON list of {"rows", "n", "k"} (optional "dtype", default
+    "bfloat16") plus any of TUNABLE (positive ints; BLOCK_N, BLOCK_K and NUM_WARPS powers of two, the blocks
+    at least MIN_BLOCK); returns how many. `replace=False` keeps entries already installed. Errors name the
+    file and the entry; nothing is installed from a file with an error."""
     try:
         entries = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -165,26 +168,30 @@ def load_gemv_configs(path) -> int:
     configs = {}
     for i, entry in enumerate(entries):
         values = entry if isinstance(entry, dict) else {}
-        keys = set(values) - {"rows", "n", "k"}
+        keys = set(values) - {"rows", "n", "k", "dtype"}
         shape = [values.get(k) for k in ("rows", "n", "k")]
-        bad = [k for k in keys if k not in TUNABLE or not isinstance(values[k], int) or values[k] < 1
-               or (k in POWERS_OF_TWO and values[k] & (values[k] - 1))]
-        if not all(isinstance(v, int) and v > 0 for v in shape) or bad:
-            raise ValueError(f"GEMV configs {path}, entry {i}: expected positive ints rows, n, k and any of "
-                             f"{', '.join(TUNABLE)} (positive ints; powers of two for {', '.join(POWERS_OF_TWO)}); "
-                             f"got {entry!r}")
-        configs[tuple(shape)] = {k: values[k] for k in keys}
-    GEMV_CONFIGS.update(configs)
+        dtype = values.get("dtype", "bfloat16")
+        positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+        bad = [k for k in keys if k not in TUNABLE or not positive(values[k])
+               or (k in POWERS_OF_TWO and values[k] & (values[k] - 1))
+               or (k in ("BLOCK_N", "BLOCK_K") and values[k] < MIN_BLOCK)]
+        if not all(positive(v) for v in shape) or dtype not in ("bfloat16", "float16", "float32") or bad:
+            raise ValueError(f"GEMV configs {path}, entry {i}: expected positive ints rows, n, k, a dtype name and "
+                             f"any of {', '.join(TUNABLE)} (positive ints; powers of two for "
+                             f"{', '.join(POWERS_OF_TWO)}; blocks >= {MIN_BLOCK}); got {entry!r}")
+        configs[(*shape, dtype)] = {k: values[k] for k in keys}
+    for key, config in configs.items():
+        if replace or key not in GEMV_CONFIGS:
+            GEMV_CONFIGS[key] = config
     return len(configs)
 
 
-def _config(rows: int, N: int, K: int) -> dict[str, int]:
+def _config(rows: int, N: int, K: int, dtype: torch.dtype) -> dict[str, int]:
     global _configs_from_env
-    if not _configs_from_env:
-        _configs_from_env = True
-        if os.environ.get("RSTITCH_GEMV_CONFIGS"):
-            load_gemv_configs(os.environ["RSTITCH_GEMV_CONFIGS"])
-    return GEMV_CONFIGS.get((rows, N, K), {})
+    if not _configs_from_env and os.environ.get("RSTITCH_GEMV_CONFIGS"):
+        load_gemv_configs(os.environ["RSTITCH_GEMV_CONFIGS"], replace=False)
+    _configs_from_env = True  # NOTE: after the load: a bad file raises at every launch, naming itself
+    return GEMV_CONFIGS.get((rows, N, K, str(dtype).removeprefix("torch.")), {})
 
 
 def _default_splits(n_tiles: int, k_tiles: int, device: torch.device) -> int:
@@ -205,7 +212,7 @@ def _gemv(x, weight, out, prologue, K, residual=None, norm_weight=None, residual
     if n_rows == 0:
         return out
     rows = max(MIN_ROWS, triton.next_power_of_2(n_rows))
-    config = _config(rows, N, K)
+    config = _config(rows, N, K, weight.dtype)
     block_n, block_k = config.get("BLOCK_N", BLOCK_N), config.get("BLOCK_K", BLOCK_K)
     n_tiles, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
     splits = num_splits if num_splits is not None else \

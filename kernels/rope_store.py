@@ -6,8 +6,8 @@ Conventions of rotary.py (NeoX rotate_half; cos_sin_cache [max_pos, D] = [cos | 
 kv_store.py (pool [num_blocks, block_size, Hkv, D]). q [T, Hq, D], k and v [T, Hkv, D]: any token/head
 strides (views into the packed qkv projection output), unit last stride. One program per token.
 
-With `nonfinite=(token_slot [T], nonfinite_slots [slots])` (int32) a token whose q, k or v holds a NaN or
-an inf sets nonfinite_slots[token_slot[t]] = 1: the model runner's NaN detection, which must not depend on
+With `nonfinite=(token_slot [T], nonfinite_slots [slots])` (int32) a token that stores KV (padding tokens,
+slot -1, are not checked) and whose q, k or v holds a NaN or an inf sets nonfinite_slots[token_slot[t]] = 1: the model runner's NaN detection, which must not depend on
 what attention makes of a NaN (kernels/stitch_step.py reads the flags). Every writer writes 1, so the
 programs need no ordering; the flags are cleared where a request's KV is rebuilt (kernels/embedding.py).
 """
@@ -49,8 +49,7 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_
         if CHECK:
             bad += count_nonfinite(k1, mask) + count_nonfinite(k2, mask)
             bad += count_nonfinite(v1.to(tl.float32), mask) + count_nonfinite(v2.to(tl.float32), mask)
-    if CHECK:
-        tl.store(nonfinite_slots_ptr + tl.load(token_slot_ptr + token), 1, mask=bad > 0)
+            tl.store(nonfinite_slots_ptr + tl.load(token_slot_ptr + token), 1, mask=bad > 0)
 
 
 def rope_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, nonfinite=None):
@@ -76,8 +75,7 @@ def rope_store_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_map
     if nonfinite is not None:
         token_slot, nonfinite_slots = nonfinite
         finite = lambda x: torch.isfinite(x.reshape(x.shape[0], -1)).all(1)  # noqa: E731
-        # padding tokens (slot -1) store no K/V, so only their q counts, as in the kernel
-        bad = (~finite(q) | ((slot_mapping >= 0) & ~(finite(k) & finite(v)))).int()
+        bad = ((slot_mapping >= 0) & ~(finite(q) & finite(k) & finite(v))).int()  # padding tokens: not checked
         nonfinite_slots.scatter_reduce_(0, token_slot.long(), bad, reduce="amax")
     k = k.clone()
     apply_rotary_ref(q, k, positions, cos_sin_cache)

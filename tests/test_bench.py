@@ -191,3 +191,5 @@ def test_gpu_check_dry_run(tmp_path):
     policies = [f["policy"] for f in facts if f["name"] == "batch1"]
     assert policies[0] == "llm" and "slm" in policies and len(policies) == 4
     assert all(f["pct_roofline"] > 0 for f in facts if f["name"] == "batch1")
+    costs = [f for f in facts if f["name"] == "cost_model"]  # both forced patterns priced by this run's timings
+    assert len(costs) == 2 and all(f["predicted_s"] > 0 and f["measured_s"] > 0 for f in costs)

@@ -111,3 +111,50 @@ def test_kernels_per_step(engine, counted, rows):
     for model, key in fused:  # decode and catch-up extend graphs alike, wherever the skinny GEMVs run
         launches = steps[model, key]
         assert len(launches) <= MAX_PER_LAYER * layers[model] + MAX_OUTSIDE, (model, key, launches)
+
+
+class CopyCounter(TorchDispatchMode):
+    """Counts tensor copies (copy_, .to) outside the graph bodies."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and func.overloadpacket.__name__ in ("copy_", "_to_copy"):
+            self.copies += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_copy_each_way_per_model_and_step(engine):
+    """The plan goes up in one copy and the results come back in one, per model and step; block-table
+    updates, on the steps that allocate a block, in one more."""
+    counter, per_step, updates = CopyCounter(), [], []
+    loop = engine.runtime.loop
+    for runner in engine.runtime.runners.values():
+        def replay(key, original=runner.graphs.replay):
+            counter.paused = True
+            try:
+                original(key)
+            finally:
+                counter.paused = False
+        runner.graphs.replay = replay
+    apply_updates, step = loop.tables.apply_updates, loop.step
+
+    def counted_updates(host_updates, capacity):
+        updates.append(int(host_updates[0]) > 0)
+        return apply_updates(host_updates, capacity)
+
+    def counted_step():
+        before, n_updates = counter.copies, len(updates)
+        with counter:
+            events = step()
+        per_step.append((counter.copies - before, sum(updates[n_updates:])))
+        return events
+
+    loop.tables.apply_updates, loop.step = counted_updates, counted_step
+    engine.generate([[5, 17, 200, 9]], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                    policies.SLMOnly(), use_tqdm=False)
+    decode_steps = per_step[1:]  # after the prompt's step, one model decodes per step
+    assert decode_steps and all(copies == 2 + allocated for copies, allocated in decode_steps), per_step
+    assert any(allocated for _, allocated in decode_steps) and any(not a for _, a in decode_steps)

@@ -388,3 +388,69 @@ def test_commands_end_to_end(pair, tmp_path):
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert [r["policy"] for r in rows] == [f"rstitch:{TAU:g} = rstitch+ untrained", "rstitch+ trained"]
     assert Router.load(out / "router.safetensors").meta["tau"] == TAU
+    warm = tmp_path / "warm"  # the supervised warm start before DAPO, evaluated as its own row
+    args = parser.parse_args(["train-router", "--slm", slm, "--llm", llm, "--device", "cpu", "--latency", str(latency),
+                              "--tau", str(TAU), "--steps", "1", "--prompts-per-batch", "2", "--rollouts", "2",
+                              "--max-tokens", "6", "--synthetic", "6", "--eval", "2", "--eval-batch-size", "2",
+                              "--warm-start", "3", "--warm-start-steps", "5", "--out", str(warm), "--no-progress",
+                              "--kv-cache-gb", "0.02"])
+    args.func(args)
+    report = json.loads((warm / "warm_start.json").read_text())
+    assert report["labels"]["problems"] >= 1 and len(report["curve"]) == 5
+    rows = json.loads((warm / "eval.json").read_text())["rows"]
+    assert [r["policy"] for r in rows] == [f"rstitch:{TAU:g}", "rstitch+ warm start", "rstitch+ trained"]
+    assert "warm start" in Router.load(warm / "router-init.safetensors").meta["note"]
+
+
+# ---- supervised warm start (router/warm_start.py) ------------------------------------------------------------
+def _token_task():
+    return Task(prompt=lambda p: p["prompt"], correct=lambda p, out: len(out.token_ids) > 0)
+
+
+def test_warm_start_labels_are_where_the_llm_disagrees(close_pair):
+    """Every labelled position's label equals what the LLM itself generates after that prefix (an
+    independent greedy generate call per position); with the SLM as its own LLM, nothing is labelled switch."""
+    from rstitch_engine.router.warm_start import label_positions
+
+    problems = [{"prompt": [5, 17, 200]}, {"prompt": list(range(40, 47))}]
+    eng = Engine(slm=close_pair[0], llm=close_pair[1], device="cpu", block_size=4, kv_cache_gb=0.01)
+    labels = label_positions(eng, problems, [0, 1], task=_token_task(), tau=0.0, max_tokens=8)
+    slm = eng.generate([p["prompt"] for p in problems], SamplingParams(max_tokens=8, temperature=0.0),
+                       policies.SLMOnly(), use_tqdm=False)
+    assert len(labels) == 16 and labels.summary()["problems"] == 2  # tau 0: every output position
+    assert 0 < int(labels.switch.sum()) < len(labels), "the close pair agrees on some tokens, not all"
+    for i in range(len(labels)):
+        out = slm[int(labels.problem[i])]
+        ids, pos = out.prompt_token_ids + out.token_ids, int(labels.position[i])
+        llm_next = eng.generate([ids[:pos]], SamplingParams(max_tokens=1, temperature=0.0), policies.LLMOnly(),
+                                use_tqdm=False)[0].token_ids[0]
+        assert bool(labels.switch[i]) == (llm_next != ids[pos]), i
+    same = Engine(slm=close_pair[0], llm=close_pair[0], device="cpu", block_size=4, kv_cache_gb=0.01)
+    assert not label_positions(same, problems, [0, 1], task=_token_task(), tau=0.0, max_tokens=8).switch.any()
+
+
+def test_warm_start_fits_separable_labels_deterministically():
+    from rstitch_engine.router.warm_start import Labels, warm_start
+
+    g = torch.Generator().manual_seed(0)
+    hidden, features = torch.randn(200, 32, generator=g), torch.randn(200, 4, generator=g)
+    switch = features[:, 1] > 0.3  # a rule the router can learn from its features
+    labels = Labels(hidden=hidden, features=features, switch=switch, correct=torch.rand(200, generator=g) > 0.5,
+                    problem=torch.zeros(200, dtype=torch.int64), position=torch.arange(200))
+    routers = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        router = Router(32, width=16)
+        history = warm_start(router, labels, steps=150, lr=1e-2, seed=3)
+        routers.append(router)
+    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["accuracy"] > 0.95
+    for a, b in zip(routers[0].state_dict().values(), routers[1].state_dict().values()):
+        assert torch.equal(a, b)
+    one_class = Labels(hidden=hidden, features=features, switch=torch.ones(200, dtype=torch.bool),
+                       correct=labels.correct, problem=labels.problem, position=labels.position)
+    router = Router(32, width=16)
+    warm_start(router, one_class, steps=5, seed=3)  # nothing to balance: finite weights, a router that switches
+    assert all(p.isfinite().all() for p in router.parameters()) and (router(hidden, features) > 0).all()
+    with pytest.raises(ValueError, match="no labelled positions"):
+        warm_start(Router(32), Labels(*(t[:0] for t in (hidden, features, switch, switch, labels.problem,
+                                                          labels.position))))

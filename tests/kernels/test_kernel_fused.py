@@ -243,7 +243,8 @@ def test_gemv_configs_choose_the_launch_per_shape(monkeypatch, tmp_path):
     monkeypatch.setattr(FL, "_gemv_kernel", recording)
     monkeypatch.setattr(FL, "GEMV_CONFIGS", {})
     path = tmp_path / "gemv.json"
-    path.write_text(json.dumps([dict(rows=2, n=70, k=300, BLOCK_N=32, BLOCK_K=128, NUM_STAGES=3, SPLITS=3)]))
+    path.write_text(json.dumps([dict(rows=2, n=70, k=300, dtype="float32", BLOCK_N=32, BLOCK_K=128, NUM_STAGES=3,
+                                     SPLITS=3)]))
     assert FL.load_gemv_configs(path) == 1
     gen = torch.Generator().manual_seed(11)
     x, w = randn(2, 300, generator=gen), weights(70, 300, torch.float32, gen)
@@ -257,7 +258,10 @@ def test_gemv_configs_choose_the_launch_per_shape(monkeypatch, tmp_path):
 @pytest.mark.parametrize("entries, problem", [
     ("{}", "expected a JSON list"), ("[{\"rows\": 1, \"n\": 8}]", "entry 0"),
     ("[{\"rows\": 1, \"n\": 8, \"k\": 8, \"BLOCK_N\": 24}]", "powers of two"),
-    ("[{\"rows\": 1, \"n\": 8, \"k\": 8, \"WARPS\": 4}]", "entry 0"), ("[oops", "gemv.json")])
+    ("[{\"rows\": 1, \"n\": 8, \"k\": 8, \"WARPS\": 4}]", "entry 0"), ("[oops", "gemv.json"),
+    ("[{\"rows\": 1, \"n\": 8, \"k\": 8, \"BLOCK_K\": 8}]", "blocks >= 16"),
+    ("[{\"rows\": 1, \"n\": 8, \"k\": 8, \"SPLITS\": true}]", "entry 0"),
+    ("[{\"rows\": 1, \"n\": 8, \"k\": 8, \"dtype\": \"int8\"}]", "dtype")])
 def test_gemv_configs_name_the_file_and_the_bad_entry(monkeypatch, tmp_path, entries, problem):
     from rstitch_engine.kernels import fused_linear as FL
 

@@ -46,7 +46,7 @@ def test_rope_store_marks_slots_of_nonfinite_tokens(dtype):
     qkv[1, 3] = float("nan")                     # q of token 1
     qkv[2, hq * d + 5] = float("inf")            # k of token 2
     qkv[3, (hq + hkv) * d + 1] = float("-inf")   # v of token 3
-    qkv[4, (hq + hkv) * d + 2] = float("nan")    # v of token 4, a padding token: stores nothing, not counted
+    qkv[4, 2] = float("nan")                     # q of token 4, a padding token (slot -1): not checked
     slot_mapping = i32(0, 5, 6, 9, -1, 10)
     token_slot = i32(0, 1, 2, 3, 4, 0)
     positions = torch.randint(0, 64, (tokens,), generator=gen).int().to(DEVICE)

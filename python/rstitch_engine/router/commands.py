@@ -105,7 +105,17 @@ def cmd_train_router(args) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             initial = Router(engine.configs[0].hidden_size, args.width, args.init_switch_prob)
-        initial.save(initial_path, meta={"tau": args.tau, "note": "untrained"})
+        note = "untrained"
+        if args.warm_start:
+            from .warm_start import label_positions, warm_start
+
+            labels = label_positions(engine, problems, list(range(min(args.warm_start, len(problems)))),
+                                     task=word_problems(engine), tau=args.tau, max_tokens=args.max_tokens)
+            curve = warm_start(initial, labels, steps=args.warm_start_steps, lr=args.warm_start_lr, seed=args.seed)
+            (out / "warm_start.json").write_text(json.dumps({"labels": labels.summary(), "curve": curve}))
+            note = f"warm start on {args.warm_start} problems: {labels.summary()}"
+            print(f"warm start: {labels.summary()}, accuracy {curve[-1]['accuracy']:.3f}")
+        initial.save(initial_path, meta={"tau": args.tau, "note": note})
     router, history = train_router(
         engine, problems, tau=args.tau, tau_down=args.tau_down, steps=args.steps, latency_model=latency,
         prompts_per_batch=args.prompts_per_batch, rollouts=args.rollouts, lr=args.lr, lam=args.lam,
@@ -126,7 +136,8 @@ def cmd_train_router(args) -> None:
     policies = {rstitch + (" = rstitch+ untrained" if untrained_is_rstitch else ""):
                 RStitch(tau=args.tau, tau_down=args.tau_down)}
     if not untrained_is_rstitch:
-        policies["rstitch+ untrained"] = RStitchPlus(router=initial, tau=args.tau, tau_down=args.tau_down)
+        name = "rstitch+ warm start" if args.warm_start else "rstitch+ untrained"
+        policies[name] = RStitchPlus(router=initial, tau=args.tau, tau_down=args.tau_down)
     policies["rstitch+ trained"] = RStitchPlus(router=router, tau=args.tau, tau_down=args.tau_down)
     rows = evaluate(engine, held_out, policies, task=word_problems(engine), max_tokens=args.max_tokens,
                     latency_model=latency, lam=args.lam, batch_size=args.eval_batch_size,
@@ -163,6 +174,11 @@ def _train_router_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per rollout")
     p.add_argument("--width", type=int, default=128, help="router hidden width")
     p.add_argument("--init-switch-prob", type=float, default=0.9, help="the untrained router's P(switch)")
+    p.add_argument("--warm-start", type=int, default=0, metavar="N",
+                   help="before DAPO, fit the router to labels from the first N training problems: where the "
+                        "SLM's entropy exceeds tau, would the LLM have chosen another token (router/warm_start.py)")
+    p.add_argument("--warm-start-steps", type=int, default=300, help="full-batch steps of the warm start")
+    p.add_argument("--warm-start-lr", type=float, default=1e-2, help="learning rate of the warm start")
     p.add_argument("--problems", help="JSONL of {\"question\", \"answer\"}")
     p.add_argument("--synthetic", type=int, metavar="N", help="N built-in arithmetic word problems")
     p.add_argument("--problem-seed", type=int, default=0, help="seed of the synthetic problems")

@@ -1,0 +1,128 @@
+"""A supervised warm start for the R-Stitch+ router, before DAPO (as R2R trains its router on labels).
+
+An untrained router sits far from the decision boundary that matters, so a few DAPO steps leave it where it
+started (its outputs equal R-Stitch's). Labels are cheap instead: run the SLM over training problems with a
+router that keeps every token (the SLM's own trajectory, with every position where its entropy exceeds tau
+recorded: hidden state and features, as the router sees them), then one teacher-forced LLM forward over
+each trajectory says where the LLM would have chosen another token. Those positions are labelled "switch",
+the others "keep"; the trajectory's outcome (was the SLM's answer right?) is kept beside each label and
+doubles the weight of the switch labels of wrong answers, where a switch can change the outcome. A few
+hundred full-batch Adam steps of a weighted binary cross-entropy on the router's log-odds then take
+seconds; DAPO continues from there (router/dapo.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.kv_pool import KVPool
+from ..engine.ops import AttentionMeta
+from ..models.decoder import forward
+from ..models.rope import cos_sin_table
+from ..policies import RStitchPlus
+from ..protocol import LLM, SLM
+from ..sampling_params import SamplingParams
+from .model import Router
+from .rollouts import Task, decisions_that_mattered
+
+
+@dataclass
+class Labels:
+    hidden: torch.Tensor     # [N, H] the SLM's final hidden state at each position with H > tau
+    features: torch.Tensor   # [N, 4] the router's features there
+    switch: torch.Tensor     # [N] bool: the LLM's greedy token differs from the SLM's
+    correct: torch.Tensor    # [N] bool: the trajectory answered its problem correctly
+    problem: torch.Tensor    # [N] int64: index of the problem
+    position: torch.Tensor   # [N] int64: position of the decided token in prompt + output
+
+    def __len__(self) -> int:
+        return self.switch.shape[0]
+
+    def summary(self) -> dict:
+        n = len(self)
+        return {"positions": n, "switch_share": float(self.switch.float().mean()) if n else 0.0,
+                "correct_share": float(self.correct.float().mean()) if n else 0.0,
+                "problems": int(self.problem.unique().numel())}
+
+
+@torch.inference_mode()
+def teacher_forced_argmax(engine, model: int, ids: list[int], positions: list[int]) -> list[int]:
+    """The greedy next token of `model` after each prefix ids[:p + 1], p in `positions`, from one forward over
+    `ids` with a private KV pool (the engine's own weights, ops and vocabulary limit)."""
+    runner = engine.runtime.runners[model]
+    cfg, w, device = runner.cfg, runner.weights, runner.device
+    block = runner.pool.block_size
+    n = len(ids)
+    blocks = -(-n // block)
+    pool = KVPool(cfg, blocks, block, w.embed.dtype, device)
+    i32 = dict(dtype=torch.int32, device=device)
+    meta = AttentionMeta(slot_mapping=torch.arange(n, **i32), block_tables=torch.arange(blocks, **i32)[None],
+                         seq_slot=torch.zeros(1, **i32), query_start_loc=torch.tensor([0, n], **i32),
+                         seq_lens=torch.tensor([n], **i32), max_query_len=n, scale=cfg.head_dim ** -0.5)
+    tokens = torch.tensor(ids, dtype=torch.int64, device=device)
+    hidden = forward(cfg, w, runner.ops, w.embed[tokens], torch.arange(n, **i32), pool.layers, meta,
+                     cos_sin_table(cfg, n, device), logits_rows=torch.tensor(positions, **i32))
+    logits = runner.ops.lm_head(hidden, w.lm_head)[:, :engine.vocab_limit]
+    return logits.argmax(-1).tolist()
+
+
+def label_positions(engine, problems: list[dict], indices: list[int], *, task: Task, tau: float,
+                    max_tokens: int) -> Labels:
+    """Labels of every position of the SLM's greedy trajectories over `problems[indices]` where its
+    normalised entropy exceeds `tau` (see the module docstring)."""
+    keep_all = Router(engine.configs[SLM].hidden_size, init_switch_prob=1e-6)  # never switches at T = 0
+    seeds = list(range(len(indices)))  # decisions are joined to requests by seed
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=s) for s in seeds]
+    with keep_all.recording() as recorder:
+        outs = engine.generate([task.prompt(problems[i]) for i in indices], params,
+                               RStitchPlus(router=keep_all, tau=tau, tau_down=tau), use_tqdm=False)
+    decisions = recorder.decisions()
+    rows, switch, correct, problem, where = [], [], [], [], []
+    for i, seed, out in zip(indices, seeds, outs):
+        if out.error:
+            raise RuntimeError(f"labelling problem {i} failed: {out.error}")
+        mattered = decisions_that_mattered(decisions, out, seed).tolist()
+        if not mattered:
+            continue
+        ids = out.prompt_token_ids + out.token_ids
+        positions = [int(decisions.sample_pos[r]) for r in mattered]  # of the decided token, prompt included
+        llm = teacher_forced_argmax(engine, LLM, ids, [p - 1 for p in positions])
+        rows += mattered
+        switch += [a != ids[p] for a, p in zip(llm, positions)]
+        correct += [bool(task.correct(problems[i], out))] * len(mattered)
+        problem += [i] * len(mattered)
+        where += positions
+    index = torch.tensor(rows, dtype=torch.int64)
+    return Labels(hidden=decisions.hidden[index], features=decisions.features[index],
+                  switch=torch.tensor(switch, dtype=torch.bool), correct=torch.tensor(correct, dtype=torch.bool),
+                  problem=torch.tensor(problem, dtype=torch.int64), position=torch.tensor(where, dtype=torch.int64))
+
+
+def warm_start(router: Router, labels: Labels, *, steps: int = 300, lr: float = 1e-2, seed: int = 0) -> list[dict]:
+    """Fits `router` (in place) to `labels` by weighted binary cross-entropy, full batch; the classes are
+    balanced, and the switch labels of wrong trajectories count twice. Returns the loss and accuracy per
+    step. Deterministic for a seed."""
+    if len(labels) == 0:
+        raise ValueError("warm start: no labelled positions (no SLM entropy above tau on these problems)")
+    device = next(router.parameters()).device
+    hidden, features = labels.hidden.to(device), labels.features.to(device)
+    switch = labels.switch.to(device)
+    target = switch.float()
+    positives, negatives = int(switch.sum()), len(labels) - int(switch.sum())
+    balance = negatives / positives if positives and negatives else 1.0  # one class only: nothing to balance
+    weight = torch.where(switch, balance, 1.0) * torch.where(switch & ~labels.correct.to(device), 2.0, 1.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        optimizer = torch.optim.Adam(router.parameters(), lr=lr)
+        history = []
+        for step in range(steps):
+            logit = router(hidden, features)
+            loss = F.binary_cross_entropy_with_logits(logit, target, weight=weight / weight.mean())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            history.append({"step": step, "loss": float(loss.detach()),
+                            "accuracy": float(((logit.detach() > 0) == target.bool()).float().mean())})
+    return history
