@@ -88,10 +88,7 @@ def forward_ms(cfg, w, dtype, context: int, span: int, repeats: int) -> float:
     table = torch.arange(n_blocks, dtype=torch.int32)[None]
     cos_sin = cos_sin_table(cfg, context + span, "cpu")
     positions = torch.arange(context, context + span, dtype=torch.int32)
-    meta = AttentionMeta(slot_mapping=positions, block_tables=table, seq_slot=torch.zeros(1, dtype=torch.int32),
-                         query_start_loc=torch.tensor([0, span], dtype=torch.int32),
-                         seq_lens=torch.tensor([context + span], dtype=torch.int32), max_query_len=span,
-                         scale=cfg.head_dim ** -0.5)
+    meta = AttentionMeta.one_sequence(positions, table, context + span, cfg.head_dim ** -0.5)
     ids = torch.randint(0, cfg.vocab_size, (span,), dtype=torch.int32)
 
     def run():

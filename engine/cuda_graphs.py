@@ -9,9 +9,9 @@ top-k/top-p cutoffs, the R-Stitch+ router, sampled-draft storage, verification o
 steps are captured at construction, each other variant lazily, the first time a step needs it (a capture over
 a plan of padding rows only, so it touches no request's state). A step qualifies when every row decides one
 token from its last new token, or, verifying, when every token has a logits row; mixed steps, a router that
-records its decisions for training, and longer steps run eagerly. Rows and tokens past the live ones are padded (engine/plan.py: HostPlan.pad). With
-`emulate=True` (the CPU) a "graph" is the same static-shape call, so the padding logic and the variants are
-tested without a GPU.
+records its decisions for training, and longer steps run eagerly. Rows and tokens past the live ones are
+padded (engine/plan.py: HostPlan.pad). With `emulate=True` (the CPU) a "graph" is the same static-shape call,
+so the padding logic and the variants are tested without a GPU.
 """
 from __future__ import annotations
 

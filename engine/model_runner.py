@@ -56,6 +56,11 @@ class StepFlags:
                    sampled_drafts=sampling and bool(host.count("any_draft")),
                    verify=bool(host.count("any_verify")), sampling=sampling)
 
+    @property
+    def uses_draft_logits(self) -> bool:
+        """The step writes (sampled drafts) or reads (sampled verification) the draft-logits buffer."""
+        return self.sampled_drafts or (self.verify and self.sampling)
+
 
 class ModelRunner:
     def __init__(self, model: int, cfg: ModelConfig, weights: ModelWeights, pool: KVPool, ops: Ops,
@@ -85,8 +90,7 @@ class ModelRunner:
         before the step's timing starts, as a first-use capture is no part of the step."""
         key = self.graphs.key(host) if self.graphs is not None else None
         if key is not None:
-            flags = key[2]
-            self.graphs.ensure(key, draft_logits if flags.sampled_drafts or flags.verify and flags.sampling else None)
+            self.graphs.ensure(key, draft_logits if key[2].uses_draft_logits else None)
         return key
 
     def run(self, host: HostPlan, key, draft_logits: torch.Tensor | None = None) -> tuple[int, np.ndarray | None]:

@@ -39,6 +39,16 @@ class AttentionMeta:
     max_query_len: int             # 1: every row decodes one token
     scale: float
 
+    @classmethod
+    def one_sequence(cls, slot_mapping: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+                     scale: float) -> "AttentionMeta":
+        """One sequence (row 0 of `block_table`) whose len(slot_mapping) new tokens end its `seq_len`."""
+        n = slot_mapping.shape[0]
+        i32 = dict(dtype=torch.int32, device=slot_mapping.device)
+        return cls(slot_mapping=slot_mapping, block_tables=block_table, seq_slot=torch.zeros(1, **i32),
+                   query_start_loc=torch.tensor([0, n], **i32), seq_lens=torch.tensor([seq_len], **i32),
+                   max_query_len=n, scale=scale)
+
 
 class Ops:
     def __init__(self, triton: bool):

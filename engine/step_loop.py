@@ -79,6 +79,6 @@ class StepLoop:
             assert not self.inflight, "draft buffers are resized between generate calls only"
             slots = self.tables.tokens.shape[0]
             self.draft_logits = torch.zeros(slots, k, vocab_limit, dtype=dtype, device=self.device)
-            for runner in self.runners.values():  # graphs that store drafts wrote the old buffer
+            for runner in self.runners.values():  # graphs that use the draft logits hold the old buffer
                 if runner.graphs is not None:
-                    runner.graphs.forget(lambda flags: flags.sampled_drafts or flags.verify)
+                    runner.graphs.forget(lambda flags: flags.uses_draft_logits)

@@ -20,9 +20,7 @@ def engine_logits(path, ids: list[int], *, dtype=torch.float32, triton: bool = F
     pool = KVPool(cfg, nb, block_size, dtype, "cpu")
     order = torch.randperm(nb, generator=torch.Generator().manual_seed(0)).to(torch.int32)
     slots = (order[torch.arange(T) // block_size] * block_size + torch.arange(T) % block_size).to(torch.int32)
-    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-    meta = AttentionMeta(slot_mapping=slots, block_tables=order[None], seq_slot=i32(0), query_start_loc=i32(0, T),
-                         seq_lens=i32(T), max_query_len=T, scale=cfg.head_dim ** -0.5)
+    meta = AttentionMeta.one_sequence(slots, order[None], T, cfg.head_dim ** -0.5)
     ops = Ops(triton)
     hidden = forward(cfg, w, ops, w.embed[torch.tensor(ids)], torch.arange(T, dtype=torch.int32), pool.layers,
                      meta, cos_sin_table(cfg, T))

@@ -58,9 +58,8 @@ def teacher_forced_argmax(engine, model: int, ids: list[int], positions: list[in
     blocks = -(-n // block)
     pool = KVPool(cfg, blocks, block, w.embed.dtype, device)
     i32 = dict(dtype=torch.int32, device=device)
-    meta = AttentionMeta(slot_mapping=torch.arange(n, **i32), block_tables=torch.arange(blocks, **i32)[None],
-                         seq_slot=torch.zeros(1, **i32), query_start_loc=torch.tensor([0, n], **i32),
-                         seq_lens=torch.tensor([n], **i32), max_query_len=n, scale=cfg.head_dim ** -0.5)
+    meta = AttentionMeta.one_sequence(torch.arange(n, **i32), torch.arange(blocks, **i32)[None], n,
+                                      cfg.head_dim ** -0.5)
     tokens = torch.tensor(ids, dtype=torch.int64, device=device)
     hidden = forward(cfg, w, runner.ops, w.embed[tokens], torch.arange(n, **i32), pool.layers, meta,
                      cos_sin_table(cfg, n, device), logits_rows=torch.tensor(positions, **i32))
