@@ -1,6 +1,7 @@
 """The Python API around generation: parameters, errors per request, stop conditions, chat, tokenizer-less
 checkpoints, continuous batching under memory pressure, and the CLI."""
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -176,6 +177,24 @@ def test_cli_eval_runs_end_to_end_on_a_tiny_pair(pair, tmp_path, capsys):
     for f in ("records.jsonl", "summary.json", "summary.md", "pareto.png", "view-rstitch_0.72.html"):
         assert (out / f).stat().st_size > 0
     assert len((out / "records.jsonl").read_text().splitlines()) == 12
+
+
+def test_cli_eval_compares_a_router_file_with_rstitch(pair, tmp_path, capsys):
+    from rstitch_engine.router.model import Router
+
+    hidden = json.loads((pair[0] / "config.json").read_text())["hidden_size"]
+    Router(hidden, init_switch_prob=0.9).save(tmp_path / "always.safetensors")  # switches wherever H > tau
+    out = tmp_path / "eval"
+    main(["eval", "--slm", str(pair[0]), "--llm", str(pair[1]), "--synthetic", "3", "--max-tokens", "8",
+          "--policies", f"rstitch:0.72,rstitch+:0.72@{tmp_path}/always.safetensors", "--out", str(out),
+          "--no-progress"])
+    assert "rstitch+:0.72@always" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    by_policy = {}
+    for r in records:
+        by_policy.setdefault(r["policy"], []).append((r["text"], r["llm_share"]))
+    assert by_policy["rstitch+:0.72@always"] == by_policy["rstitch:0.72"]  # R-Stitch's identity, problem by problem
+    assert any(share > 0 for _, share in by_policy["rstitch:0.72"])  # the LLM took part: the identity is not vacuous
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(temperature=1.2, top_p=0.8), dict(temperature=0.7, top_k=20)])

@@ -17,7 +17,7 @@ from rstitch_engine.policies import parse_policies
 
 from rstitch_engine.evaluation import (PROMPT_SUFFIX, SUMMARY_COLUMNS, answers_equal, build_messages,
                                        extract_answer, generate_problems, load_problems, markdown_table, pareto_plot,
-                                       render_html, render_terminal, run_eval, summarize_policies,
+                                       plotted_latency, render_html, render_terminal, run_eval, summarize_policies,
                                        synthetic_problems, token_pieces, write_results)
 from rstitch_engine.evaluation.synthetic import OPS, TEMPLATES
 from rstitch_engine.tiny import make_tokenizer
@@ -219,6 +219,17 @@ def test_pareto_plot(tmp_path):
         pareto_plot([], tmp_path / "empty.png")
 
 
+def test_pareto_plot_draws_estimated_batch1_latency_when_every_row_has_it(tmp_path):
+    rows = summarize_policies(RECORDS)
+    assert plotted_latency(rows) == "mean_latency_s"
+    rows = [dict(row, est_latency_s=row["mean_latency_s"] * 0.5) for row in rows]
+    assert plotted_latency(rows) == "est_latency_s"
+    rows.append(dict(rows[1], policy="rstitch+:0.02@router"))
+    assert plotted_latency(rows) == "est_latency_s"
+    assert plotted_latency(rows + [dict(rows[0], est_latency_s=None)]) == "mean_latency_s"
+    assert pareto_plot(rows, tmp_path / "pareto.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_pareto_plot_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match="pip install"):
@@ -286,7 +297,21 @@ def test_parse_policies():
     assert parse_policies("spec:4")[0] == policies.SpecDecode(k=4)
 
 
+def test_parse_rstitch_plus_names_each_router_file(tmp_path):
+    from rstitch_engine.router.model import Router
+
+    for name in ("router-init", "router"):
+        Router(hidden_size=8).save(tmp_path / f"{name}.safetensors")
+    init, trained = parse_policies(f"rstitch+:0.05@{tmp_path}/router-init.safetensors,"
+                                   f"rstitch+:@{tmp_path}/router.safetensors")
+    assert (init.name, trained.name) == ("rstitch+:0.05@router-init", f"rstitch+:{policies.RStitchPlus.tau:g}@router")
+    assert (init.tau, init.router) == (0.05, f"{tmp_path}/router-init.safetensors")
+    with pytest.raises(ValueError, match="router file '.*missing.safetensors' not found"):
+        parse_policies(f"rstitch+:0.02@{tmp_path}/missing.safetensors")
+
+
 @pytest.mark.parametrize("text, message", [
+    ("rstitch+:0.02", "needs a router file"), ("rstitch+:0.02@", "needs a router file"),
     ("", "empty entry"), ("llm,,slm", "empty entry"), ("llm,llm", "repeats llm"), ("big", "unknown policy"),
     ("llm:2", "unknown policy"), ("spec:0", r"k must be an integer in \[1, 2\*\*31 - 1\]"), ("spec:x", "bad policy"), ("spec:1.5", "bad policy"),
     ("rstitch:abc", "bad policy"), ("rstitch:nan", "tau must be a number"),

@@ -20,7 +20,8 @@ _MODEL_HELP = {
 POLICY_GRAMMAR = ("llm (LLM only), slm (SLM only), rstitch[:<tau>] (R-Stitch, entropy threshold tau, default "
                   "0.02; options :down<tau_down> for a lower hand-back threshold, :min<n> for LLM runs of at "
                   "least n tokens, e.g. rstitch:0.02:down0.01:min2), handover[:<tau>] (R-Stitch handing back to "
-                  "the SLM after one LLM token), spec[:<k>] "
+                  "the SLM after one LLM token), rstitch+:<tau>@<file> (R-Stitch+ with that "
+                  "router file, from rstitch train-router), spec[:<k>] "
                   "(speculative decoding with k drafts, default 4), spec:<k>@<rate> (drafts accepted with "
                   "probability rate, for benchmarks) or forced:<share>[:<run>] (a share of LLM positions in runs "
                   "of mean length run, default 8, for benchmarks)")

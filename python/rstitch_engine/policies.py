@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -235,13 +236,24 @@ class RStitchPlus(Policy):
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
 
     @property
-    def name(self):
-        return f"rstitch+:{self.tau:g}"
+    def name(self):  # a router file names its row, so two routers compared side by side get two rows
+        source = f"@{Path(self.router).stem}" if isinstance(self.router, (str, Path)) else ""
+        return f"rstitch+:{self.tau:g}{source}"
 
     def configure(self, spec, max_tokens):
         spec.start_model, spec.use_router = SLM, True
         spec.tau_up = float(self.tau)
         spec.tau_down = float(self.tau if self.tau_down is None else self.tau_down)
+
+
+def _parse_rstitch_plus(arg: str) -> RStitchPlus:
+    """'0.02@router.safetensors': R-Stitch+ at tau 0.02 with that router file."""
+    tau, at, router = arg.partition("@")
+    if not at or not router:
+        raise ValueError("R-Stitch+ needs a router file: rstitch+:<tau>@<router.safetensors>")
+    if not Path(router).is_file():
+        raise ValueError(f"router file {router!r} not found")
+    return RStitchPlus(router=router, tau=float(tau) if tau else RStitchPlus.tau)
 
 
 def _parse_rstitch(arg: str) -> RStitch:
@@ -259,7 +271,8 @@ def _parse_rstitch(arg: str) -> RStitch:
 
 
 def parse_policy(text: str) -> Policy:
-    """'llm', 'slm', 'rstitch:0.02' (options ':down<tau_down>', ':min<LLM run>'), 'handover:0.02' (R-Stitch with handover_after=1), 'spec:4', and for
+    """'llm', 'slm', 'rstitch:0.02' (options ':down<tau_down>', ':min<LLM run>'), 'handover:0.02' (R-Stitch with
+    handover_after=1), 'rstitch+:0.02@router.safetensors' (R-Stitch+ with that router), 'spec:4', and for
     benchmarks 'spec:4@0.7' (drafts accepted with probability 0.7) and 'forced:0.1:8' (10% LLM positions
     in runs of mean length 8)."""
     kind, _, arg = text.strip().partition(":")
@@ -276,13 +289,16 @@ def parse_policy(text: str) -> Policy:
             return SLMOnly()
         if kind == "rstitch":
             return _parse_rstitch(arg)
+        if kind == "rstitch+":
+            return _parse_rstitch_plus(arg)
         if kind == "handover":
             return RStitch(tau=float(arg) if arg else 0.02, handover_after=1)
         if kind == "spec":
             return SpecDecode(k=int(arg) if arg else 4)
     except ValueError as e:
         raise ValueError(f"bad policy {text!r}: {e}") from None
-    raise ValueError(f"unknown policy {text!r}; use llm, slm, rstitch:<tau>[:down<tau>][:min<n>], handover:<tau>, spec:<k>, "
+    raise ValueError(f"unknown policy {text!r}; use llm, slm, rstitch:<tau>[:down<tau>][:min<n>], handover:<tau>, "
+                     f"rstitch+:<tau>@<router file>, spec:<k>, "
                      f"spec:<k>@<accept rate> or forced:<llm share>[:<mean run>]")
 
 

@@ -138,9 +138,16 @@ def _tau(policy: str) -> float | None:
         return None
 
 
+def plotted_latency(rows: list[dict]) -> str:
+    """The latency column pareto_plot draws: the estimated batch-1 one where every row has it (a batched eval
+    measures the batch's latency, not a lone request's), else the measured mean."""
+    return "est_latency_s" if all(row.get("est_latency_s") is not None for row in rows) else "mean_latency_s"
+
+
 def pareto_plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
-    """Accuracy (%) against mean latency (s): the `rstitch:<tau>` rows as a curve labelled with tau, and the
-    `llm`, `slm` and `spec:<k>` rows as distinct markers. Needs matplotlib (Agg, no display)."""
+    """Accuracy (%) against latency (s): the `rstitch:<tau>` rows as a curve labelled with tau, and the
+    `llm`, `slm`, `spec:<k>` and `rstitch+` rows as distinct markers; the latency is `plotted_latency`'s.
+    Needs matplotlib (Agg, no display)."""
     try:  # imported here so the package works without matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -152,21 +159,25 @@ def pareto_plot(rows: list[dict], path: str | Path, title: str | None = None) ->
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     FigureCanvasAgg(fig)  # a private Agg canvas: no pyplot state, no display needed
     ax = fig.add_subplot()
+    key = plotted_latency(rows)
     sweep = sorted((row for row in rows if _tau(row["policy"]) is not None), key=lambda row: _tau(row["policy"]))
     if sweep:
-        ax.plot([row["mean_latency_s"] for row in sweep], [100 * row["accuracy"] for row in sweep], "o-",
+        ax.plot([row[key] for row in sweep], [100 * row["accuracy"] for row in sweep], "o-",
                 color="tab:blue", label="R-Stitch (τ sweep)")
         for row in sweep:
-            ax.annotate(f"τ={_tau(row['policy']):g}", (row["mean_latency_s"], 100 * row["accuracy"]),
+            ax.annotate(f"τ={_tau(row['policy']):g}", (row[key], 100 * row["accuracy"]),
                         textcoords="offset points", xytext=(5, 5), fontsize=8, color="tab:blue")
-    styles = {"llm": ("*", "tab:red", 14), "slm": ("s", "tab:green", 8), "spec": ("^", "tab:purple", 9)}
+    styles = {"llm": ("*", "tab:red", 14), "slm": ("s", "tab:green", 8), "spec": ("^", "tab:purple", 9),
+              "rstitch+": ("P", "tab:orange", 10)}
     for row in (row for row in rows if _tau(row["policy"]) is None):
         kind, _, arg = row["policy"].partition(":")
         marker, color, size = styles.get(kind, ("D", "tab:gray", 7))
-        label = {"llm": "LLM only", "slm": "SLM only", "spec": f"speculative (k={arg})"}.get(kind, row["policy"])
-        ax.plot(row["mean_latency_s"], 100 * row["accuracy"], marker, color=color, markersize=size,
-                linestyle="none", label=label)
-    ax.set_xlabel("mean latency per problem (s)")
+        label = {"llm": "LLM only", "slm": "SLM only", "spec": f"speculative (k={arg})",
+                 "rstitch+": f"R-Stitch+ (τ={arg})"}.get(kind, row["policy"])
+        ax.plot(row[key], 100 * row["accuracy"], marker, color=color, markersize=size, linestyle="none",
+                label=label)
+    ax.set_xlabel("estimated batch-1 latency per problem (s)" if key == "est_latency_s"
+                  else "mean latency per problem (s)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "Accuracy vs latency")
     ax.grid(alpha=0.3)
