@@ -222,7 +222,7 @@ class RStitchPlus(Policy):
     `router` is a router file (.safetensors) or a loaded Router; `temperature` > 0 samples its decisions
     (exploration during training), 0 takes the likelier one."""
     router: object = None
-    tau: float = 0.02
+    tau: float = RStitch.tau  # one default threshold for both
     tau_down: float | None = None
     temperature: float = 0.0
 
@@ -258,7 +258,7 @@ def _parse_rstitch_plus(arg: str) -> RStitchPlus:
 
 def _parse_rstitch(arg: str) -> RStitch:
     """'0.02', '0.02:down0.01', '0.02:min3', '0.02:down0.01:min3' (empty: tau 0.02)."""
-    tau, *options = arg.split(":") if arg else ["0.02"]
+    tau, *options = arg.split(":") if arg else [repr(RStitch.tau)]
     kw = {}
     for option in options:
         if option.startswith("down"):
@@ -292,7 +292,7 @@ def parse_policy(text: str) -> Policy:
         if kind == "rstitch+":
             return _parse_rstitch_plus(arg)
         if kind == "handover":
-            return RStitch(tau=float(arg) if arg else 0.02, handover_after=1)
+            return RStitch(tau=float(arg) if arg else RStitch.tau, handover_after=1)
         if kind == "spec":
             return SpecDecode(k=int(arg) if arg else 4)
     except ValueError as e:
