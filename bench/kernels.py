@@ -458,6 +458,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases (one per kernel family)")
     parser.add_argument("--sweep", action="store_true", help="also sweep tuning constants")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the results (default bench/results)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py: no CUDA device here, nothing to measure; run it on a GPU machine.")
@@ -489,17 +490,17 @@ def main(argv=None) -> int:
         print(f"{row['kernel']:26s} {row['shape']:45s} {row['triton_us']:9.2f} us {row['gbs']:7.0f} GB/s "
               f"{row['pct_copy_bw']:5.1f}%  torch {torch_us} us{extra}")
     result = dict(meta=meta, cases=rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"kernels-{re.sub(r'[^A-Za-z0-9]+', '-', props.name).strip('-')}-{now:%Y-%m-%d-%H%M}"
     if args.sweep:
         result["sweep"], configs = sweep(copy_gbs, props.L2_cache_size)
-        path = RESULTS / f"{stem}-gemv-configs.json"
+        path = args.out / f"{stem}-gemv-configs.json"
         path.write_text(json.dumps(configs, indent=1))
         print(f"wrote {path}: the fastest GEMV constants per shape (RSTITCH_GEMV_CONFIGS={path} to use them)")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"{stem}.md").write_text(markdown(meta, rows))
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(meta, rows))
     print(markdown(meta, rows))
-    print(f"wrote {RESULTS / stem}.json and .md")
+    print(f"wrote {args.out / stem}.json and .md")
     return 0
 
 

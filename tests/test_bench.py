@@ -164,30 +164,84 @@ def test_switch_costs_script_dry_run(tmp_path):
     assert "| llm | 5 |" in out.with_suffix(".md").read_text()
 
 
+def _gpu_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_divergence_names_position_and_logit_gap(engine):
+    """graph_equals_eager at batch 3: the first divergence and the gap between the two tokens' logits there,
+    from a teacher-forced forward of the model that produced the token; the status rule on top of it."""
+    gc = _gpu_check()
+    prompts = synthetic_prompts(3, 12, engine.vocab_limit, seed=5)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),
+                           policies.Forced(pattern="3-6"), use_tqdm=False)
+    eager, sources = [o.token_ids for o in outs], [o.sources for o in outs]
+    assert gc.divergence(engine, prompts, eager, [list(t) for t in eager], sources) is None
+    for position in (2, 4):  # a token of the SLM, then of the LLM
+        other = [list(t) for t in eager]
+        other[1][position] = (eager[1][position] + 1) % engine.vocab_limit
+        other[1][position + 1:] = [0] * (len(eager[1]) - position - 1)
+        where = gc.divergence(engine, prompts, eager, other, sources)
+        assert (where["request"], where["position"]) == (1, position)
+        assert where["model"] == ("llm" if position in range(3, 7) else "slm")
+        assert where["eager_token"] == eager[1][position] and where["graph_token"] == other[1][position]
+        assert where["logit_gap"] > 0 and where["gap_bf16_steps"] > 0  # fp32 greedy: the eager token is the argmax
+    assert gc.equality_status(1, None) == gc.equality_status(3, None) == "PASS"
+    assert gc.equality_status(1, {"gap_bf16_steps": 0.5}) == "FAIL"
+    assert gc.equality_status(3, {"gap_bf16_steps": 0.5}) is None
+    assert gc.equality_status(3, {"gap_bf16_steps": gc.GAP_BF16_STEPS + 1}) == "FAIL"
+    assert gc.equality_status(3, {"reason": "one output is a prefix of the other"}) == "FAIL"
+
+
 def test_gpu_check_dry_run(tmp_path):
     """bash bench/gpu_check.sh --dry: every stage of the GPU check on the CPU at tiny shapes, no failure,
-    each check's fact recorded (the GPU-only ones as SKIP)."""
+    each check's fact recorded (the GPU-only ones as SKIP), built by the CMake fallback (pip left out) into
+    a package the later stages import; what $OUT holds fits what the device returns (8 files at most,
+    facts.jsonl among them, and printed in the output too)."""
     import json
     import os
     import subprocess
     import sys
+    import tarfile
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "check"
+    out, build = tmp_path / "check", tmp_path / "build"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "BUILD_DIR": str(build), "GPU_CHECK_BUILD": "cmake"}
     result = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--dry"], capture_output=True, text=True,
-                            timeout=1200, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable})
+                            timeout=1500, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    facts = [json.loads(line) for line in (out / "facts.jsonl").read_text().splitlines()]
+    facts_text = (out / "facts.jsonl").read_text()
+    facts = [json.loads(line) for line in facts_text.splitlines()]
+    assert facts_text.splitlines()[-1] in result.stdout  # the facts come back in the output tail as well
     failed = [f for f in facts if f.get("status") in ("FAIL", "ERROR")]
     assert not failed, failed
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["facts.jsonl", "logs.tar.gz"] and all(p.is_file() for p in out.iterdir()), files
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        names = {Path(n).name for n in logs.getnames()}
+        build_log = logs.extractfile("./build.log").read().decode()
+    assert {"build.log", "warm.log", "env.log", "smoke.log", "graphs.log", "tput.log", "micro.log",
+            "nvidia-smi.txt"} <= names
+    assert "package from " + str(build / "pythonpath") in build_log, build_log
+    assert (build / "pythonpath" / "rstitch_engine" / "engine").is_symlink()
     exits = {f["stage"] for f in facts if f["name"] == "exit"}
-    assert exits == {"build", "env", "smoke", "graphs", "tput", "micro"}
+    assert exits == {"build", "warm", "env", "smoke", "graphs", "tput", "micro"}
     names = {(f["stage"], f["name"]) for f in facts}
-    for expected in [("smoke", "stitch_step"), ("smoke", "paged_decode_attention"), ("smoke", "linear"),
-                     ("graphs", "graph_equals_eager"), ("graphs", "no_sync_in_loop"), ("tput", "copy_bandwidth"),
-                     ("tput", "batch1"), ("tput", "batch1_sampled"), ("tput", "profile_slm_17_tokens")]:
+    for expected in [("warm", "warm_engine"), ("smoke", "stitch_step"), ("smoke", "paged_decode_attention"),
+                     ("smoke", "linear"), ("smoke", "linear_split_k"), ("graphs", "graph_equals_eager"),
+                     ("graphs", "no_sync_in_loop"), ("tput", "copy_bandwidth"), ("tput", "batch1"),
+                     ("tput", "batch1_sampled"), ("tput", "profile_slm_17_tokens")]:
         assert expected in names, expected
+    counters = {f["stage"]: f["status"] for f in facts if f["name"] == "arrival_counters_zero"}
+    assert set(counters) == exits - {"build"} and counters["smoke"] == "PASS"  # the split-K case ran there
     policies = [f["policy"] for f in facts if f["name"] == "batch1"]
     assert policies[0] == "llm" and "slm" in policies and len(policies) == 4
     assert all(f["pct_roofline"] > 0 for f in facts if f["name"] == "batch1")

@@ -48,9 +48,9 @@ class Labels:
 
 
 @torch.inference_mode()
-def teacher_forced_argmax(engine, model: int, ids: list[int], positions: list[int]) -> list[int]:
-    """The greedy next token of `model` after each prefix ids[:p + 1], p in `positions`, from one forward over
-    `ids` with a private KV pool (the engine's own weights, ops and vocabulary limit)."""
+def teacher_forced_logits(engine, model: int, ids: list[int], positions: list[int]) -> torch.Tensor:
+    """[len(positions), vocab_limit] float32: `model`'s next-token logits after each prefix ids[:p + 1], p in
+    `positions`, from one forward over `ids` with a private KV pool (the engine's own weights and ops)."""
     runner = engine.runtime.runners[model]
     cfg, w, device = runner.cfg, runner.weights, runner.device
     block = runner.pool.block_size
@@ -63,8 +63,12 @@ def teacher_forced_argmax(engine, model: int, ids: list[int], positions: list[in
     tokens = torch.tensor(ids, dtype=torch.int64, device=device)
     hidden = forward(cfg, w, runner.ops, w.embed[tokens], torch.arange(n, **i32), pool.layers, meta,
                      cos_sin_table(cfg, n, device), logits_rows=torch.tensor(positions, **i32))
-    logits = runner.ops.lm_head(hidden, w.lm_head)[:, :engine.vocab_limit]
-    return logits.argmax(-1).tolist()
+    return runner.ops.lm_head(hidden, w.lm_head)[:, :engine.vocab_limit].float()
+
+
+def teacher_forced_argmax(engine, model: int, ids: list[int], positions: list[int]) -> list[int]:
+    """The greedy next token of `model` after each prefix ids[:p + 1], p in `positions`."""
+    return teacher_forced_logits(engine, model, ids, positions).argmax(-1).tolist()
 
 
 def label_positions(engine, problems: list[dict], indices: list[int], *, task: Task, tau: float,
