@@ -8,7 +8,7 @@ than a decode, the switches eat the gain. Per model, at one context length, for 
   forward       the engine's decoder forward + LM head alone, outside the scheduler and runner
   transformers  the same checkpoint in transformers, s new tokens over a cache of the same context
   matmuls       the layers' four weight products at s rows plus the LM head at one row, as F.linear
-                (torch's default GEMM choice: the floor the engine had before engine/ops.py's skinny_linear)
+                (torch's default GEMM choice: the floor the engine had before engine/ops.py's cpu_linear)
   stream        the weights' bytes over this machine's measured copy bandwidth (the bandwidth floor)
 each the median of --repeats after a warm-up, in milliseconds, and each span's ratio to its own decode.
 

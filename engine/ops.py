@@ -16,16 +16,33 @@ from rstitch_engine.kernels.fused_linear import unfused_norm_linear, unfused_sil
 FUSED_MAX_ROWS = 8
 # Rows up to which float32 products on the CPU run as weight @ x^T (bench/results/switch-costs-*-2026-12-01).
 SKINNY_MAX_ROWS = 16
+# Rows from which bfloat16/float16 products on the CPU run in float32 over WEIGHT_CHUNK-row slices of the
+# weight, each converted while it is in cache (measured on the 2-core x86 VM, 2 threads, 2026-12-03, the
+# 1.5B's 8960 x 1536 MLP weight: torch's bf16 GEMM, without bf16 units on AVX2, costs 3.6 ms a row, 29 ms
+# for 16 rows and 250 ms for 128; the chunked float32 product 12 ms up to 8 rows, 8.6 ms for 16, 30 for 128).
+HALF_CHUNKED_MIN_ROWS = 8
+WEIGHT_CHUNK = 256
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except for 2..SKINNY_MAX_ROWS float32 rows on the CPU, computed as weight @ x^T: there torch's
-    x @ W^T leaves its one-row GEMV for a GEMM that streams the weights at half the speed, so a catch-up extend
-    of 2 tokens cost 2x a decode; weight @ x^T keeps it at ~1.1x (measured on a 2-core x86 VM, 2026-12-01)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not 2 <= x.shape[0] <= SKINNY_MAX_ROWS:
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except on the CPU for the row counts where torch's own choice is slow: 2..SKINNY_MAX_ROWS
+    float32 rows as weight @ x^T (torch's x @ W^T leaves its one-row GEMV for a GEMM that streams the weights
+    at half the speed: a 2-token catch-up cost 2x a decode, now ~1.1x), and HALF_CHUNKED_MIN_ROWS or more
+    half-precision rows in float32 over weight chunks (above), rounded back to x's dtype."""
+    if x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    y = torch.mm(weight, x.t()).t().contiguous()
-    return y if bias is None else y.add_(bias)
+    rows = x.shape[0]
+    if x.dtype == torch.float32 and 2 <= rows <= SKINNY_MAX_ROWS:
+        y = torch.mm(weight, x.t()).t().contiguous()
+        return y if bias is None else y.add_(bias)
+    if x.dtype in (torch.bfloat16, torch.float16) and rows >= HALF_CHUNKED_MIN_ROWS:
+        xt = x.float().t().contiguous()
+        out = torch.empty(weight.shape[0], rows)
+        for start in range(0, weight.shape[0], WEIGHT_CHUNK):
+            torch.mm(weight[start:start + WEIGHT_CHUNK].float(), xt, out=out[start:start + WEIGHT_CHUNK])
+        y = out.t()
+        return (y if bias is None else y + bias.float()).to(x.dtype).contiguous()
+    return F.linear(x, weight, bias)
 
 
 @dataclass
@@ -74,17 +91,17 @@ class Ops:
         """(rms_norm(h + residual) @ weight^T + bias, h + residual); see kernels/fused_linear.py."""
         if self._fused(h):
             return K.norm_linear(h, residual, norm_weight, weight, bias, eps)
-        return unfused_norm_linear(self.rms_norm, h, residual, norm_weight, weight, bias, eps, skinny_linear)
+        return unfused_norm_linear(self.rms_norm, h, residual, norm_weight, weight, bias, eps, cpu_linear)
 
     def linear(self, x, weight):
         """x @ weight^T."""
-        return K.linear(x, weight) if self._fused(x) else skinny_linear(x, weight)
+        return K.linear(x, weight) if self._fused(x) else cpu_linear(x, weight)
 
     def silu_mul_linear(self, gate_up, weight):
         """(silu(gate) * up) @ weight^T for gate_up = [gate | up]."""
         if self._fused(gate_up):
             return K.silu_mul_linear(gate_up, weight)
-        return unfused_silu_mul_linear(self.silu_and_mul, gate_up, weight, skinny_linear)
+        return unfused_silu_mul_linear(self.silu_and_mul, gate_up, weight, cpu_linear)
 
     def lm_head(self, hidden, weight):
         """The output head on the deciding rows: a linear like the others (the skinny GEMV up to

@@ -104,19 +104,30 @@ def test_sharded_checkpoint_loads(tmp_path, tiny):
     torch.testing.assert_close(engine_logits(tmp_path, ids), engine_logits(src, ids), rtol=1e-6, atol=1e-5)
 
 
-def test_skinny_linear_is_f_linear():
-    """engine/ops.py's CPU product for 2..16 float32 rows (weight @ x^T) computes F.linear, bias included."""
+def test_cpu_linear_is_f_linear():
+    """engine/ops.py's CPU products compute F.linear, bias included: 2..16 float32 rows as weight @ x^T, and 8 or
+    more half-precision rows in float32 over weight chunks (a weight whose rows are not a whole number of
+    chunks included), rounded to the input's dtype."""
     import torch.nn.functional as F
 
-    from rstitch_engine.engine.ops import SKINNY_MAX_ROWS, skinny_linear
+    from rstitch_engine.engine.ops import HALF_CHUNKED_MIN_ROWS, SKINNY_MAX_ROWS, WEIGHT_CHUNK, cpu_linear
 
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(300, 70, generator=g), torch.randn(300, generator=g)
     for rows in (1, 2, 5, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1):
         x = torch.randn(rows, 70, generator=g)
         for bias in (None, b):
-            got = skinny_linear(x, w, bias)
+            got = cpu_linear(x, w, bias)
             assert got.is_contiguous() and got.shape == (rows, 300)
             torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    w_half = torch.randn(WEIGHT_CHUNK + 44, 70, generator=g)
+    for dtype in (torch.bfloat16, torch.float16):
+        for rows in (1, HALF_CHUNKED_MIN_ROWS - 1, HALF_CHUNKED_MIN_ROWS, 40):
+            x = torch.randn(rows, 70, generator=g).to(dtype)
+            for bias in (None, b[:1].expand(w_half.shape[0]).contiguous().to(dtype)):
+                got = cpu_linear(x, w_half.to(dtype), bias)
+                assert got.dtype == dtype and got.is_contiguous() and got.shape == (rows, w_half.shape[0])
+                want = F.linear(x.float(), w_half.to(dtype).float(), None if bias is None else bias.float())
+                torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
     x16 = torch.randn(4, 70, generator=g).bfloat16()
-    assert torch.equal(skinny_linear(x16, w.bfloat16()), F.linear(x16, w.bfloat16()))  # other dtypes: F.linear
+    assert torch.equal(cpu_linear(x16, w.bfloat16()), F.linear(x16, w.bfloat16()))  # few half rows: F.linear
