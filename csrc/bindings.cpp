@@ -57,6 +57,8 @@ py::dict stats_dict(const Stats& s) {
   d["verify_steps"] = s.verify_steps;
   d["preemptions"] = s.preemptions;
   d["stale_rows"] = s.stale_rows;
+  d["llm_wait_steps"] = s.llm_wait_steps;
+  d["llm_wait_s"] = s.llm_wait_s;
   d["time_slm_s"] = s.time_slm_s;
   d["time_llm_s"] = s.time_llm_s;
   return d;
@@ -112,6 +114,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("optimistic_llm", &SchedulerConfig::optimistic_llm)
       .def_readwrite("watermark_blocks", &SchedulerConfig::watermark_blocks)
       .def_readwrite("llm_min_batch", &SchedulerConfig::llm_min_batch)
+      .def_readwrite("llm_batch_share", &SchedulerConfig::llm_batch_share)
       .def_readwrite("llm_max_wait", &SchedulerConfig::llm_max_wait);
 
   py::class_<RequestSpec>(m, "RequestSpec")
@@ -156,6 +159,10 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_waiting", &Scheduler::num_waiting)
       .def_property_readonly("num_running", &Scheduler::num_running)
       .def_property_readonly("planned_steps", &Scheduler::planned_steps)
+      .def_property_readonly("llm_steps", &Scheduler::llm_steps)
+      .def_property_readonly("llm_step_rows", &Scheduler::llm_step_rows)
+      .def("set_parking", &Scheduler::set_parking, py::arg("llm_min_batch"), py::arg("llm_batch_share"),
+           py::arg("llm_max_wait"))
       .def("has_unfinished", &Scheduler::has_unfinished)
       .def("add", &Scheduler::add)
       .def("abort", [](Scheduler& s, int64_t id) { s.finish(id, Finish::kAbort); })

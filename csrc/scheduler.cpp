@@ -1,6 +1,7 @@
 #include "scheduler.h"
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 
 namespace rstitch {
@@ -31,6 +32,14 @@ Scheduler::Scheduler(const SchedulerConfig& cfg)
   if (cfg.max_num_seqs <= 0 || cfg.max_model_len <= 1 || cfg.max_step_tokens <= 0 || cfg.max_logits_rows <= 0)
     throw std::invalid_argument("max_num_seqs, max_model_len, max_step_tokens, max_logits_rows must be positive");
   for (int32_t s = cfg.max_num_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
+}
+
+void Scheduler::set_parking(int32_t llm_min_batch, float llm_batch_share, int32_t llm_max_wait) {
+  if (llm_min_batch < 1 || llm_max_wait < 0 || !(llm_batch_share >= 0.f && llm_batch_share <= 1.f))
+    throw std::invalid_argument("parking: llm_min_batch >= 1, llm_batch_share in [0, 1], llm_max_wait >= 0");
+  cfg_.llm_min_batch = llm_min_batch;
+  cfg_.llm_batch_share = llm_batch_share;
+  cfg_.llm_max_wait = llm_max_wait;
 }
 
 std::string Scheduler::add(const RequestSpec& spec) {
@@ -168,21 +177,26 @@ static bool may_join_llm_batch(const Request& r) {
   return r.active == kLLM || r.spec.tau_up < kInf || r.spec.use_router || !r.spec.forced.empty();
 }
 
-bool Scheduler::park_llm_rows() {
-  if (cfg_.llm_min_batch <= 1) return false;
-  int32_t ready = 0, waited = 0, could_join = 0;
+bool Scheduler::park_llm_rows() const {
+  if (cfg_.llm_min_batch <= 1 && cfg_.llm_batch_share <= 0.f) return false;
+  int32_t ready = 0, waited = 0, could_join = 0, others = 0;
   for (const Request* r : running_) {
+    const bool ready_llm = r->spec.spec_k == 0 && r->active == kLLM && dispatchable(*r);
+    others += !ready_llm && dispatchable(*r);
     if (!may_join_llm_batch(*r)) continue;
     ++could_join;
-    if (r->active != kLLM || !dispatchable(*r)) continue;
+    if (!ready_llm) continue;
     ++ready;
     waited = std::max(waited, r->parked_steps);
   }
   for (const Request* r : waiting_) could_join += may_join_llm_batch(*r);
-  // Never wait for a batch that cannot form: every live request that could join is ready already, or
-  // there are fewer of them than llm_min_batch.
-  if (could_join == ready || could_join < cfg_.llm_min_batch) return false;
-  return ready > 0 && ready < cfg_.llm_min_batch && waited < cfg_.llm_max_wait;
+  // Never wait for a batch that cannot form (every live request that could join is ready already, or
+  // there are fewer of them than wanted), nor through a step that would run nothing else.
+  // (the 1e-4 keeps a product like 0.7 * 10 = 7.0000005 from asking for 8)
+  const float share = cfg_.llm_batch_share * static_cast<float>(could_join);
+  const int32_t want = std::max(cfg_.llm_min_batch, static_cast<int32_t>(std::ceil(share - 1e-4f)));
+  if (could_join == ready || could_join < want || others == 0) return false;
+  return ready > 0 && ready < want && waited < cfg_.llm_max_wait;
 }
 
 bool Scheduler::dispatchable(const Request& r) const {
@@ -387,6 +401,8 @@ int32_t Scheduler::plan(int64_t step, std::array<PlanBuffers, 2> bufs, int32_t* 
     if (!dispatchable(*r)) continue;
     if (park && r->spec.spec_k == 0 && r->active == kLLM) {
       r->parked_steps++;
+      r->stats.llm_wait_steps++;
+      rec.parked.push_back(r->spec.id);
       continue;
     }
     if (schedule(*r, step, sub, rec)) r->parked_steps = 0;
@@ -419,6 +435,10 @@ int32_t Scheduler::plan(int64_t step, std::array<PlanBuffers, 2> bufs, int32_t* 
   if (rows > 0) {
     steps_[step] = std::move(rec);
     ++planned_steps_;
+    if (sub[kLLM].rows > 0 && cfg_.has_model[kLLM]) {
+      ++llm_steps_;
+      llm_step_rows_ += sub[kLLM].rows;
+    }
   }
   return rows;
 }
@@ -533,6 +553,10 @@ std::vector<Event> Scheduler::commit(int64_t step, std::array<Results, 2> result
   if (it == steps_.end()) throw std::invalid_argument("step " + std::to_string(step) + " was not planned");
   StepRecord rec = std::move(it->second);
   steps_.erase(it);
+  for (int64_t id : rec.parked) {
+    auto rit = requests_.find(id);
+    if (rit != requests_.end()) rit->second->stats.llm_wait_s += seconds[kSLM] + seconds[kLLM];
+  }
   std::vector<Event> events;
   for (int32_t m = 0; m < 2; ++m) {
     int64_t row = 0;

@@ -47,10 +47,12 @@ struct SchedulerConfig {
   int32_t max_inflight = 1;        // 2: plan step t+1 before step t's results are committed
   bool optimistic_llm = true;      // with overlap: dispatch an LLM row again before its hand-back is known
   int32_t watermark_blocks = 0;    // blocks kept free at admission while others run
-  // R2R-style parking: LLM rows wait until `llm_min_batch` of them are ready or one has waited
-  // `llm_max_wait` steps (1: no parking). Rows never wait for a batch that cannot form: with fewer live
-  // requests that could need the LLM than llm_min_batch, or all of them ready, they are dispatched at once.
+  // Parking (docs/method.md, 'Scheduling the LLM under load'): LLM rows wait until max(llm_min_batch,
+  // ceil(llm_batch_share * live requests that could need the LLM)) of them are ready, or one has waited
+  // `llm_max_wait` steps (llm_min_batch 1 and llm_batch_share 0: no parking). Rows never wait for a batch
+  // that cannot form, nor when nothing else would run in the step (no other row is dispatchable).
   int32_t llm_min_batch = 1;
+  float llm_batch_share = 0.f;
   int32_t llm_max_wait = 0;
 };
 
@@ -83,7 +85,9 @@ struct Stats {
   int64_t extend_tokens_slm = 0, extend_tokens_llm = 0;
   int64_t drafted = 0, accepted = 0, verify_steps = 0;
   int64_t preemptions = 0, stale_rows = 0;
+  int64_t llm_wait_steps = 0;  // steps this request's LLM row was parked
   double time_slm_s = 0.0, time_llm_s = 0.0;
+  double llm_wait_s = 0.0;     // the time of those steps
 };
 
 struct Dispatch {
@@ -157,6 +161,8 @@ class Scheduler {
   explicit Scheduler(const SchedulerConfig& cfg);
 
   const SchedulerConfig& config() const { return cfg_; }
+  // The parking rule's settings (SchedulerConfig), changeable between steps: they change timing, not tokens.
+  void set_parking(int32_t llm_min_batch, float llm_batch_share, int32_t llm_max_wait);
   const PlanLayout& layout() const { return layout_; }
   const TableUpdateLayout& table_layout() const { return table_layout_; }
   int32_t max_blocks_per_seq() const { return max_blocks_per_seq_; }
@@ -182,6 +188,8 @@ class Scheduler {
   std::vector<int64_t> take_started();
 
   int64_t planned_steps() const { return planned_steps_; }
+  int64_t llm_steps() const { return llm_steps_; }          // planned steps with LLM rows
+  int64_t llm_step_rows() const { return llm_step_rows_; }  // LLM rows over those steps
 
  private:
   struct RowRef {
@@ -190,6 +198,7 @@ class Scheduler {
   };
   struct StepRecord {
     std::array<std::vector<RowRef>, 2> rows;
+    std::vector<int64_t> parked;  // requests whose LLM row waited in this step
   };
   struct SubBatch {  // a model's plan being written
     int32_t* i32;
@@ -198,7 +207,7 @@ class Scheduler {
   };
 
   bool dispatchable(const Request& r) const;
-  bool park_llm_rows();  // true: hold this step's LLM rows back so that a larger LLM batch forms
+  bool park_llm_rows() const;  // true: hold this step's LLM rows back so that a larger LLM batch forms
   // Plans r's next dispatch; false when it does not fit this step.
   bool schedule(Request& r, int64_t step, std::array<SubBatch, 2>& sub, StepRecord& rec);
   // Covers r's table up to num_tokens, preempting newer requests if needed; false if r itself was preempted.
@@ -230,6 +239,7 @@ class Scheduler {
   int32_t* table_updates_ = nullptr;
   int64_t num_table_updates_ = 0;
   int64_t planned_steps_ = 0;
+  int64_t llm_steps_ = 0, llm_step_rows_ = 0;
   int64_t current_step_ = -1;
 };
 

@@ -6,7 +6,9 @@ buffers alternate between two sets, so a step never overwrites what an in-flight
 """
 from __future__ import annotations
 
+import time
 from collections import deque
+from typing import NamedTuple
 
 import torch
 
@@ -15,6 +17,20 @@ from rstitch_engine.protocol import MODELS
 from .model_runner import DeviceTables, ModelRunner
 from .plan import HostPlan
 from .readback import StepResults
+
+
+class StepTiming(NamedTuple):
+    """One model's part of one step, as the step-cost model (evaluation/step_cost.py) is fitted to it: `rows`
+    rows feeding `tokens` new tokens over `context` tokens of attention (their seq_lens summed), `seconds` of
+    the model's forward; `step_seconds` is the whole step's host time (plan, forwards, commit), the same for
+    both models of a step."""
+    step: int
+    model: int
+    rows: int
+    tokens: int
+    context: int
+    seconds: float
+    step_seconds: float
 
 
 class StepLoop:
@@ -31,9 +47,11 @@ class StepLoop:
         self.inflight: deque = deque()
         self.next_step = 0
         self.draft_logits: torch.Tensor | None = None
+        self.timings: list[StepTiming] | None = None  # a list: every committed step's StepTiming rows go there
 
     def step(self) -> list:
         """Plans and launches one step, commits what is due; returns the commit events."""
+        start = time.perf_counter()
         step, parity = self.next_step, self.next_step % 2
         self.next_step += 1
         plans, updates = self.host[parity], self.table_updates[parity]
@@ -41,22 +59,25 @@ class StepLoop:
         rows = self.sched.plan(step, *bufs[0], *bufs[1], updates.numpy())
         if rows:
             self.tables.apply_updates(updates, self.sched.table_update_capacity)
-            ran = []
+            ran, shapes = [], []
             for m, runner in self.runners.items():
-                if plans[m].count("num_rows") == 0:
+                n = plans[m].count("num_rows")
+                if n == 0:
                     continue
+                if self.timings is not None:  # host numbers of the plan: no device read
+                    shapes.append((m, n, plans[m].count("num_tokens"), int(plans[m].views.seq_lens[:n].sum())))
                 res = self.results[parity][m]
                 key = runner.prepare(plans[m], self.draft_logits)
                 res.begin()
                 res.fetch(runner.results, *runner.run(plans[m], key, self.draft_logits))
                 ran.append(m)
-            self.inflight.append((step, parity, ran))
+            self.inflight.append((step, parity, ran, shapes, start))
         events = []
         while self.inflight and (len(self.inflight) >= self.max_inflight or not rows):
             events += self.commit(*self.inflight.popleft())
         return events
 
-    def commit(self, step: int, parity: int, ran: list[int]) -> list:
+    def commit(self, step: int, parity: int, ran: list[int], shapes: list, start: float) -> list:
         args, seconds = [], [0.0, 0.0]
         for m in MODELS:
             if m in ran:
@@ -65,7 +86,13 @@ class StepLoop:
                 args += res.numpy
             else:
                 args += [None, None, None]
-        return self.sched.commit(step, *args, *seconds)
+        events = self.sched.commit(step, *args, *seconds)
+        if self.timings is not None:
+            # with overlap the step's host time runs from its planning to its commit, one step later
+            wall = time.perf_counter() - start
+            self.timings += [StepTiming(step, m, rows, tokens, context, seconds[m], wall)
+                             for m, rows, tokens, context in shapes]
+        return events
 
     def drain(self) -> list:
         events = []

@@ -133,13 +133,13 @@ class SimDevice:
 
 def make_scheduler(*, num_blocks=64, block_size=4, max_num_seqs=8, max_model_len=128, max_step_tokens=64,
                    max_logits_rows=32, vocab=50, max_inflight=1, optimistic_llm=True, models=(0, 1),
-                   llm_min_batch=1, llm_max_wait=0):
+                   llm_min_batch=1, llm_max_wait=0, llm_batch_share=0.0):
     c = _C.SchedulerConfig()
     c.num_blocks, c.block_size, c.max_num_seqs, c.max_model_len = num_blocks, block_size, max_num_seqs, max_model_len
     c.max_step_tokens, c.max_logits_rows, c.vocab_size = max_step_tokens, max_logits_rows, vocab
     c.has_model = (0 in models, 1 in models)
     c.max_inflight, c.optimistic_llm = max_inflight, optimistic_llm
-    c.llm_min_batch, c.llm_max_wait = llm_min_batch, llm_max_wait
+    c.llm_min_batch, c.llm_max_wait, c.llm_batch_share = llm_min_batch, llm_max_wait, llm_batch_share
     return _C.Scheduler(c)
 
 

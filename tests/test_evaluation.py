@@ -168,7 +168,8 @@ def test_summarize_policies():
                                  "p50_latency_s": 3.0, "p90_latency_s": 3.8, "tok_s": 400 / 6,
                                  "mean_tokens": 200.0, "llm_share": 1.0, "switches_per_1k": 0.0,
                                  "mean_llm_run": None, "mean_slm_run": None, "latency_speedup_vs_llm": 1.0,
-                                 "est_latency_s": None, "est_latency_speedup_vs_llm": None})
+                                 "est_latency_s": None, "est_latency_speedup_vs_llm": None, "output_tok_s": None,
+                                 "output_tok_s_vs_llm": None, "mean_llm_wait_s": 0.0})
     assert stitch["accuracy"] == 1.0
     assert stitch["switches_per_1k"] == pytest.approx(1000 * 6 / 400)
     assert (stitch["mean_llm_run"], stitch["mean_slm_run"]) == pytest.approx((80 / 3, 320 / 3))
@@ -177,6 +178,19 @@ def test_summarize_policies():
     assert stitch["latency_speedup_vs_llm"] == pytest.approx(2.0)
     assert rows["slm"]["latency_speedup_vs_llm"] == pytest.approx(6.0)
     assert all(row["latency_speedup_vs_llm"] is None for row in summarize_policies(RECORDS[2:]))
+
+
+def test_summarize_policies_output_tok_s():
+    """Output tok/s: tokens over the wall time of the batches they came from (each batch counted once)."""
+    walls = {"llm": (10.0, 6.0), "rstitch:0.02": (4.0, 4.0)}  # (batch 0, batch 1) of each policy
+    records = [dict(r, batch=i % 2, batch_wall_s=walls[r["policy"]][i % 2], llm_wait_s=0.5 * i)
+               for r in RECORDS[:4] for i in [RECORDS.index(r)]]
+    records += [dict(records[0], batch=0), dict(records[2], batch=1)]  # a second answer in a batch: same wall
+    rows = {row["policy"]: row for row in summarize_policies(records)}
+    assert rows["llm"]["output_tok_s"] == pytest.approx(500 / 16)
+    assert rows["rstitch:0.02"]["output_tok_s"] == pytest.approx(500 / 8)
+    assert rows["rstitch:0.02"]["output_tok_s_vs_llm"] == pytest.approx(2.0)
+    assert rows["rstitch:0.02"]["mean_llm_wait_s"] == pytest.approx((1.0 + 1.5 + 1.0) / 3)
 
 
 def test_summarize_policies_estimated_latency():
@@ -336,6 +350,7 @@ class FakeOutput:
     entropies: list
     finish_reason: str
     stats: dict = field(default_factory=dict)
+    prompt_token_ids: list = field(default_factory=lambda: [1, 2, 3])
 
 
 class FakeEngine:

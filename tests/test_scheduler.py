@@ -28,7 +28,7 @@ def add(sched, rid, prompt, max_tokens, **policy):
 
 def run_batch(policy: dict, ref_kw: dict, *, n=6, max_tokens=40, max_inflight=1, seed=0, device=None, **sched_kw):
     sched = make_scheduler(max_inflight=max_inflight, vocab=VOCAB, **sched_kw)
-    dev = SimDevice(sched, 8, 128, VOCAB)
+    dev = SimDevice(sched, sched_kw.get("max_num_seqs", 8), 128, VOCAB)
     if device is not None:
         device.append(dev)
     ps = prompts(n, seed)
@@ -60,16 +60,51 @@ def test_rstitch_matches_reference(tau, max_inflight):
         assert set(sources) == {0, 1}, "both models must produce tokens at this tau"
 
 
+@pytest.mark.parametrize("park", [dict(llm_min_batch=4, llm_max_wait=3), dict(llm_batch_share=0.75, llm_max_wait=3)])
 @pytest.mark.parametrize("max_inflight", [1, 2])
-def test_parking_llm_rows_changes_timing_not_outputs(max_inflight):
-    mean_llm_batch = []
-    for park in (dict(), dict(llm_min_batch=4, llm_max_wait=3)):
+def test_parking_llm_rows_changes_timing_not_outputs(max_inflight, park):
+    mean_llm_batch, waits = [], []
+    for kw in (dict(), park):
         devices = []
-        run_batch(dict(tau_up=0.5, tau_down=0.5), dict(tau_up=0.5, tau_down=0.5), max_inflight=max_inflight,
-                  device=devices, **park)
+        outs = run_batch(dict(tau_up=0.5, tau_down=0.5), dict(tau_up=0.5, tau_down=0.5), max_inflight=max_inflight,
+                         device=devices, **kw)
         rows = devices[0].rows_run[1]
         mean_llm_batch.append(sum(rows) / len(rows))
+        waits.append(sum(o["stats"]["llm_wait_steps"] for o in outs))
     assert mean_llm_batch[1] > 1.2 * mean_llm_batch[0], mean_llm_batch
+    assert waits[0] == 0 < waits[1]
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_share_parking_keeps_reference_tokens_at_any_batch(batch):
+    """Tokens and sources equal the full-recompute rules with parking on; at batch 1 nothing ever waits (the
+    one request is all that could join), above it rows do."""
+    outs = run_batch(dict(tau_up=0.5, tau_down=0.5), dict(tau_up=0.5, tau_down=0.5), n=batch, max_num_seqs=16,
+                     num_blocks=256, llm_batch_share=0.5, llm_max_wait=4, seed=batch)
+    waits = sum(o["stats"]["llm_wait_steps"] for o in outs)
+    assert waits == 0 if batch == 1 else waits > 0
+
+
+def test_share_parking_decisions():
+    """Constructed cases: 4 forced requests, request 0 needs the LLM from its second token, the others never.
+    With share 0.5 the LLM row waits (1 ready of 4 that could join: 2 wanted) for llm_max_wait steps, then
+    runs; with share 0.25 (1 wanted) or without other work it never waits."""
+    def waited(share, max_wait, others=3):
+        sched = make_scheduler(llm_batch_share=share, llm_max_wait=max_wait, vocab=VOCAB)
+        dev = SimDevice(sched, 8, 128, VOCAB)
+        for i in range(1 + others):
+            spec = _C.RequestSpec()  # no stop ids: every request runs its 6 tokens
+            spec.id, spec.prompt, spec.max_tokens = i, [3, 4, 5], 6
+            spec.forced = [0, 1, 1, 0, 0, 0] if i == 0 else [0] * 6
+            assert sched.add(spec) == ""
+        run_to_completion(sched, dev, 1)
+        out = sched.output(0)
+        assert out["sources"] == [0, 1, 1, 0, 0, 0]
+        return out["stats"]["llm_wait_steps"]
+    assert waited(0.5, 3) == 3  # parked at its first LLM token until it had waited 3 steps
+    assert waited(0.5, 0) == 0
+    assert waited(0.25, 3) == 0
+    assert waited(1.0, 3, others=0) == 0  # alone: all that could join are ready
 
 
 def test_separate_thresholds():

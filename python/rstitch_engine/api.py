@@ -2,6 +2,7 @@
 loop until they finish, and returns outputs in input order."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import queue
@@ -379,6 +380,28 @@ class Engine:
         with self._lock:  # the tokenizer is not used from two threads at once
             return [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True,
                                                        **chat_template_kwargs) for c in conversations]
+
+    def set_parking(self, *, llm_batch_share: float | None = None, llm_min_batch: int | None = None,
+                    llm_max_wait: int | None = None) -> None:
+        """Changes the parking rule (EngineConfig's llm_* fields; None keeps a value) from the next step on:
+        timing only, never tokens, so one engine can compare rules."""
+        changes = {k: v for k, v in (("llm_batch_share", llm_batch_share), ("llm_min_batch", llm_min_batch),
+                                     ("llm_max_wait", llm_max_wait)) if v is not None}
+        with self._lock:
+            config = dataclasses.replace(self.config, **changes)  # validated as at construction
+            self.sched.set_parking(config.llm_min_batch, config.llm_batch_share, config.llm_max_wait)
+            self.config = config
+
+    @contextlib.contextmanager
+    def step_timings(self):
+        """Collects every step's StepTiming rows (engine/step_loop.py: rows, tokens, context, seconds per
+        model) while open: what evaluation/step_cost.py fits the step simulator's costs to."""
+        with self._lock:
+            self.loop.timings = rows = []
+        try:
+            yield rows
+        finally:
+            self.loop.timings = None
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text` (chat prompts: add_special_tokens=False, the template has them). Thread-safe."""

@@ -84,6 +84,11 @@ class AsyncEngine:
         return self.engine.sched.num_running
 
     @property
+    def llm_steps(self) -> int:
+        """Steps the LLM has run so far (the parking rule makes them fewer and fuller)."""
+        return self.engine.sched.llm_steps
+
+    @property
     def kv_cache_usage(self) -> float:
         sched = self.engine.sched
         return 1.0 - sched.num_free_blocks / sched.num_blocks

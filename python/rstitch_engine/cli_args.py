@@ -7,6 +7,8 @@ import argparse
 import os
 import sys
 
+from .engine_config import LLM_BATCH_SHARE, LLM_MAX_WAIT
+
 DEMO_PAIR = {"slm": "demo:slm", "llm": "demo:llm"}
 
 _MODEL_HELP = {
@@ -57,6 +59,13 @@ def engine_args(p: argparse.ArgumentParser, demo_pair: bool = False) -> None:
     g.add_argument("--max-model-len", type=int, metavar="TOKENS",
                    help="longest sequence, prompt plus output, in tokens (default: the models' context length, "
                         "lowered to what --kv-cache-gb holds)")
+    g.add_argument("--llm-batch-share", type=float, metavar="SHARE",
+                   help="park rows that need the LLM until this share of the requests that could need it are "
+                        f"ready (0: never park; default {LLM_BATCH_SHARE})")
+    g.add_argument("--llm-min-batch", type=int, metavar="ROWS",
+                   help="park rows that need the LLM until at least this many are ready (default 1)")
+    g.add_argument("--llm-max-wait", type=int, metavar="STEPS",
+                   help=f"the most steps a parked row waits for the LLM (default {LLM_MAX_WAIT})")
     g.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: the cores this process may use, less those the load "
                         "average shows busy; OMP_NUM_THREADS, when set, is left to decide)")
@@ -138,6 +147,8 @@ def make_engine(args, require_model: bool = True, **overrides):
         sys.exit("error: give --llm and/or --slm")
     kwargs = dict(llm=args.llm, slm=args.slm, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
                   max_model_len=args.max_model_len, progress=True)
+    kwargs.update({name: getattr(args, name) for name in ("llm_batch_share", "llm_min_batch", "llm_max_wait")
+                   if getattr(args, name, None) is not None})
     kwargs.update(overrides)
     apply_threads(getattr(args, "threads", None), kwargs["device"])
     return Engine(**kwargs)

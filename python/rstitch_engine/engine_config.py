@@ -21,6 +21,12 @@ CUDA_RESERVE_BYTES = 2 * 2**30  # left free beside the KV pools on CUDA: activat
 CPU_KV_BUDGET_BYTES = 2**30  # the KV budget on the CPU when kv_cache_gb is not given
 
 
+# Parking defaults, chosen with the step simulator on measured costs (docs/benchmarks.md, 'Hybrid decoding
+# under load'): the LLM runs once half the requests that could need it are ready, or one waited 4 steps.
+LLM_BATCH_SHARE = 0.5
+LLM_MAX_WAIT = 4
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """llm / slm: a checkpoint directory, a .gguf file, a hub id, "demo:slm" / "demo:llm", or "random:<shape>".
@@ -31,8 +37,10 @@ class EngineConfig:
     prompts are chunked). overlap: plan step t+1 before step t's results are read (default on CUDA).
     kernels: "triton" or "torch" (default: Triton on CUDA, the torch references on the CPU). cuda_graphs:
     capture decode steps (default on CUDA; "emulate" runs the same padded static-shape steps without
-    capturing, for tests on the CPU). llm_min_batch / llm_max_wait: park rows that need the LLM until that
-    many are ready or one has waited that many steps (R2R-style; 1: off). warm_up: run the extend, decode
+    capturing, for tests on the CPU). llm_batch_share / llm_min_batch / llm_max_wait: park rows that need the
+    LLM until llm_batch_share of the live requests that could need it (and at least llm_min_batch) are ready,
+    or one has waited llm_max_wait steps, so that the LLM runs on fewer, fuller steps (docs/method.md,
+    'Scheduling the LLM under load'; timing only, never tokens; share 0 and min batch 1: off). warm_up: run the extend, decode
     and large-batch paths of each model once at construction, so that Triton compiles them there and not
     inside a timed request (default on CUDA).
     """
@@ -49,8 +57,9 @@ class EngineConfig:
     block_size: int = 16
     overlap: bool | None = None
     optimistic_llm: bool = True
+    llm_batch_share: float = LLM_BATCH_SHARE
     llm_min_batch: int = 1
-    llm_max_wait: int = 4
+    llm_max_wait: int = LLM_MAX_WAIT
     kernels: str | None = None
     cuda_graphs: bool | str | None = None
     seed: int = 0
@@ -69,6 +78,7 @@ class EngineConfig:
         _check_int("block_size", self.block_size, 1)
         _check_int("llm_min_batch", self.llm_min_batch, 1)
         _check_int("llm_max_wait", self.llm_max_wait, 0)
+        _check_number("llm_batch_share", self.llm_batch_share, lambda v: 0 <= v <= 1, "a number in [0, 1]")
         _check_int("seed", self.seed, 0, 2**64 - 1)
         for name in ("max_model_len", "max_logits_rows"):
             if getattr(self, name) is not None:
@@ -160,6 +170,7 @@ class EngineConfig:
         sc.optimistic_llm = self.optimistic_llm
         sc.watermark_blocks = max(1, num_blocks // 100)
         sc.llm_min_batch, sc.llm_max_wait = self.llm_min_batch, self.llm_max_wait
+        sc.llm_batch_share = self.llm_batch_share
         return sc
 
 

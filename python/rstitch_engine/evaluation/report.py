@@ -12,15 +12,18 @@ from pathlib import Path
 import numpy as np
 
 SUMMARY_COLUMNS = ("policy", "n", "accuracy", "mean_latency_s", "p50_latency_s", "p90_latency_s", "tok_s",
-                   "mean_tokens", "llm_share", "switches_per_1k", "mean_llm_run", "mean_slm_run", "est_latency_s",
-                   "latency_speedup_vs_llm", "est_latency_speedup_vs_llm")
+                   "output_tok_s", "mean_tokens", "llm_share", "switches_per_1k", "mean_llm_run", "mean_slm_run",
+                   "mean_llm_wait_s", "est_latency_s", "latency_speedup_vs_llm", "output_tok_s_vs_llm",
+                   "est_latency_speedup_vs_llm")
 
 
 def summarize_policies(records: list[dict]) -> list[dict]:
     """One row per policy (in order of first appearance) from per-(policy, problem) records.
 
     `tok_s` is total tokens over total latency and `llm_share` is weighted by tokens, so long answers count
-    for what they cost; `latency_speedup_vs_llm` is the `llm` policy's mean latency over this one's (None
+    for what they cost; `output_tok_s` is total tokens over the wall time of the batches (what a batch user
+    gets; None for records without `batch_wall_s`); `latency_speedup_vs_llm` is the `llm` policy's mean
+    latency over this one's, `output_tok_s_vs_llm` this one's output tok/s over the `llm` policy's (None
     without an `llm` policy). With `est_latency_s` in the records (estimated batch-1 latency), `est_latency_s`
     is its mean and `est_latency_speedup_vs_llm` the same ratio on it."""
     by_policy: dict[str, list[dict]] = {}
@@ -39,20 +42,31 @@ def summarize_policies(records: list[dict]) -> list[dict]:
             "p50_latency_s": float(np.percentile(latency, 50)),
             "p90_latency_s": float(np.percentile(latency, 90)),
             "tok_s": float(tokens.sum() / latency.sum()) if latency.sum() > 0 else None,
+            "output_tok_s": _output_tok_s(recs),
             "mean_tokens": float(tokens.mean()),
             "llm_share": llm_tokens / tokens.sum() if tokens.sum() > 0 else 0.0,
             "switches_per_1k": (1000 * sum(r.get("switches", 0) for r in recs) / tokens.sum()
                                 if tokens.sum() > 0 else 0.0),
             "mean_llm_run": _mean_run(recs, "llm"),
             "mean_slm_run": _mean_run(recs, "slm"),
+            "mean_llm_wait_s": float(np.mean([r.get("llm_wait_s", 0.0) for r in recs])),
             "est_latency_s": (float(np.mean([r["est_latency_s"] for r in recs]))
                               if all("est_latency_s" in r for r in recs) else None),
         })
     llm = next((row for row in rows if row["policy"] == "llm"), None)
     for row in rows:
         row["latency_speedup_vs_llm"] = _ratio(llm, row, "mean_latency_s")
+        row["output_tok_s_vs_llm"] = _ratio(row, llm, "output_tok_s")
         row["est_latency_speedup_vs_llm"] = _ratio(llm, row, "est_latency_s")
     return rows
+
+
+def _output_tok_s(records: list[dict]) -> float | None:
+    """Tokens over the wall time of the batches they came from (`batch`: the index of each record's batch)."""
+    if not records or any("batch_wall_s" not in r for r in records):
+        return None
+    wall = sum({r["batch"]: r["batch_wall_s"] for r in records}.values())
+    return sum(r["tokens"] for r in records) / wall if wall > 0 else None
 
 
 def _mean_run(records: list[dict], model: str) -> float | None:
@@ -62,11 +76,11 @@ def _mean_run(records: list[dict], model: str) -> float | None:
     return float(np.mean(runs)) if runs else None
 
 
-def _ratio(llm: dict | None, row: dict, key: str) -> float | None:
-    """The `llm` row's value of `key` over this row's (None when either is missing)."""
-    if llm is None or not llm[key] or not row[key]:
+def _ratio(numerator: dict | None, denominator: dict | None, key: str) -> float | None:
+    """One row's value of `key` over another's (None when either is missing)."""
+    if numerator is None or denominator is None or not numerator[key] or not denominator[key]:
         return None
-    return llm[key] / row[key]
+    return numerator[key] / denominator[key]
 
 
 def _format_cell(value) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def _file_name(policy: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", policy)
 
 
-def _record(policy: str, problem: dict, out, latency_model=None) -> dict:
+def _record(policy: str, problem: dict, out, batch: int, batch_wall_s: float, latency_model=None) -> dict:
     tokens = len(out.token_ids)
     latency = float(out.stats["latency_s"])
     answer = extract_answer(out.text)
@@ -40,9 +41,14 @@ def _record(policy: str, problem: dict, out, latency_model=None) -> dict:
         "runs": {m.name.lower(): lengths for m, lengths in run_lengths(out.sources).items()},
         "latency_s": latency,
         "tok_s": tokens / latency if latency > 0 else None,
+        "batch": batch,
+        "batch_wall_s": batch_wall_s,  # the whole engine.chat call this answer was part of
+        "llm_wait_s": float(out.stats.get("llm_wait_s", 0.0)),
         "finish_reason": out.finish_reason,
         "text": out.text,
         **estimate,
+        "prompt_tokens": len(out.prompt_token_ids),
+        "sources": list(out.sources),  # the switching pattern, replayable by evaluation/simulator.py
         "trace": trace,
     }
 
@@ -83,12 +89,14 @@ def run_eval(engine, problems: list[dict], policies: list[tuple[str, object]], p
             bar.set_description(name)
             for start in range(0, len(problems), batch_size):
                 batch = problems[start:start + batch_size]
+                start_s = time.perf_counter()
                 outs = engine.chat([build_messages(p["question"]) for p in batch], params, policy=policy,
                                    use_tqdm=False)
+                wall = time.perf_counter() - start_s
                 if len(outs) != len(batch):
                     raise RuntimeError(f"engine.chat returned {len(outs)} outputs for {len(batch)} prompts")
                 for i, (problem, out) in enumerate(zip(batch, outs)):
-                    record = _record(name, problem, out, latency_model)
+                    record = _record(name, problem, out, start // batch_size, wall, latency_model)
                     records.append(record)
                     records_file.write(json.dumps(record, ensure_ascii=False) + "\n")
                     # The first problem for every tau, so the views compare the same answer across the sweep.

@@ -75,7 +75,7 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarra
     return x
 
 
-def _relative_nnls(x: np.ndarray, ms: np.ndarray) -> np.ndarray:
+def relative_nnls(x: np.ndarray, ms: np.ndarray) -> np.ndarray:
     """Non-negative coefficients of `x @ coef ~ ms`. Rows are scaled by 1/T: the fit minimises relative error,
     so a 10 ms decode counts as much as a 2 s prefill. Columns are scaled to unit norm for the solver (a
     positive scaling, so non-negativity is unchanged): N_inf*N_kv runs to millions where the constant is 1."""
@@ -104,12 +104,12 @@ def _fit_group(kind: str, points: list[Timing], holdout: float, rng: np.random.G
     if len(ms) < n_coef:
         raise ValueError(f"latency fit: {len(ms)} {kind} points cannot determine {n_coef} coefficients")
     n_out = min(int(round(holdout * len(ms))), len(ms) - n_coef - 1)
-    quality: dict = {"points": len(ms), "fit": _quality(x, ms, _relative_nnls(x, ms))}
+    quality: dict = {"points": len(ms), "fit": _quality(x, ms, relative_nnls(x, ms))}
     if n_out >= 1:
         out = rng.permutation(len(ms))[:n_out]
         keep = np.setdiff1d(np.arange(len(ms)), out)
-        quality["holdout"] = {"points": n_out, **_quality(x[out], ms[out], _relative_nnls(x[keep], ms[keep]))}
-    return _relative_nnls(x, ms), quality
+        quality["holdout"] = {"points": n_out, **_quality(x[out], ms[out], relative_nnls(x[keep], ms[keep]))}
+    return relative_nnls(x, ms), quality
 
 
 class LatencyModel:
@@ -194,20 +194,12 @@ class LatencyModel:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyModel":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no latency model at {path}; make one with `rstitch calibrate`") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a latency model JSON ({e.msg})") from None
+        data = read_json(path, "latency model", "`rstitch calibrate`")
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("units") != "ms":
             raise ValueError(f"{path}: not a latency model of format {FORMAT} in ms")
         index = {name: m for m, name in MODEL_NAMES.items()}
@@ -218,3 +210,21 @@ class LatencyModel:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: malformed latency coefficients ({e!r})") from None
         return cls(extend, decode, data.get("meta", {}))
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """A calibration file (this latency model, evaluation/step_cost.py's step costs), folders made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_json(path: Path, what: str, made_by: str):
+    """The JSON document of a calibration file; a missing or unreadable one is an error naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {what} at {path}; make one with {made_by}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a {what} JSON ({e.msg})") from None

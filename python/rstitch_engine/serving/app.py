@@ -29,7 +29,7 @@ from .metrics import ServerMetrics
 from .protocol import APIError, ParsedRequest, parse_request
 
 ROUTING_STATS = ("slm_tokens", "llm_tokens", "switches_to_llm", "switches_to_slm", "discarded_slm_tokens",
-                 "extend_tokens_llm", "extend_tokens_slm", "drafted", "accepted")
+                 "extend_tokens_llm", "extend_tokens_slm", "drafted", "accepted", "llm_wait_steps", "llm_wait_s")
 RETRY_AFTER_S = 1
 
 

@@ -26,8 +26,8 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 PERCENTILES = (50, 90, 99)
 COLUMNS = ["policy", "concurrency", "request_rate", "completed", "failed", "req_s", "output_tok_s", "goodput_req_s",
            "ttft_ms_mean", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_mean", "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50",
-           "itl_ms_p99", "e2el_ms_mean", "e2el_ms_p99", "llm_share", "switches_per_1k", "offline_tok_s",
-           "server_vs_offline"]
+           "itl_ms_p99", "e2el_ms_mean", "e2el_ms_p99", "llm_share", "switches_per_1k", "llm_wait_ms_mean",
+           "offline_tok_s", "server_vs_offline"]
 
 
 @dataclass
@@ -158,6 +158,8 @@ def summarize(results: list[RequestResult], duration: float, goodput: dict[str, 
     row["llm_share"] = tokens["llm_tokens"] / produced if produced else None
     row["switches_per_1k"] = 1000 * (tokens["switches_to_llm"] + tokens["switches_to_slm"]) / produced \
         if produced else None
+    waits = [r.rstitch["llm_wait_s"] for r in ok if "llm_wait_s" in r.rstitch]  # parked for an LLM batch
+    row["llm_wait_ms_mean"] = ms(statistics.mean(waits)) if waits else None
     row["errors"] = sorted({r.error for r in results if not r.ok})[:5]
     return row
 

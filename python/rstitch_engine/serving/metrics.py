@@ -53,8 +53,16 @@ class ServerMetrics:
         self.discarded = metric(Counter, "discarded_slm_tokens", "SLM tokens discarded at a switch to the LLM")
         self.drafts = metric(Counter, "spec_decode_num_draft_tokens", "Speculative draft tokens")
         self.accepted = metric(Counter, "spec_decode_num_accepted_tokens", "Accepted speculative draft tokens")
+        self.llm_wait = metric(Histogram, "llm_wait_seconds", "Time a request's rows waited, parked, for an LLM "
+                               "batch to form (per finished request)", buckets=LATENCY_BUCKETS)
+        self.llm_steps = metric(Counter, "llm_steps", "Steps the LLM ran (rate: LLM steps per second)")
+        self._online, self._llm_steps_seen = online, 0
 
     def observe(self, out: StreamOutput) -> None:
+        steps = self._online.llm_steps
+        if steps > self._llm_steps_seen:
+            self.llm_steps.inc(steps - self._llm_steps_seen)
+            self._llm_steps_seen = steps
         for source in (Model.SLM, Model.LLM):
             count = sum(1 for s in out.sources if s == source)
             if count:
@@ -86,3 +94,4 @@ class ServerMetrics:
         self.discarded.inc(s["discarded_slm_tokens"])
         self.drafts.inc(s["drafted"])
         self.accepted.inc(s["accepted"])
+        self.llm_wait.observe(s["llm_wait_s"])
