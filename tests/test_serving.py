@@ -165,6 +165,8 @@ def test_concurrent_streams_disconnects_and_metrics(server, engine):
     assert llm_sent + slm_sent - len(received) <= 8 * 200
     assert delta("prompt_tokens_total") == sum(len(p) for p in prompts) + 8 * 3
     assert delta("e2e_request_latency_seconds_count") == 40
+    assert delta("llm_wait_seconds_count") == 40  # one observation per finished request, parked or not
+    assert 0 < delta("llm_steps_total") <= engine.sched.llm_steps
     assert _metric(after, "num_requests_running") == 0 and _metric(after, "kv_cache_usage_perc") == 0
 
 
