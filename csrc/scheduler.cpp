@@ -189,7 +189,16 @@ bool Scheduler::park_llm_rows() const {
     ++ready;
     waited = std::max(waited, r->parked_steps);
   }
-  for (const Request* r : waiting_) could_join += may_join_llm_batch(*r);
+  // Queued requests count only as far as free sequence slots let them start: a backlog must not raise the
+  // batch to wait for past what the running set can form.
+  int32_t startable = static_cast<int32_t>(free_slots_.size());
+  for (const Request* r : waiting_) {
+    if (startable == 0) break;
+    if (may_join_llm_batch(*r)) {
+      ++could_join;
+      --startable;
+    }
+  }
   // Never wait for a batch that cannot form (every live request that could join is ready already, or
   // there are fewer of them than wanted), nor through a step that would run nothing else.
   // (the 1e-4 keeps a product like 0.7 * 10 = 7.0000005 from asking for 8)

@@ -161,7 +161,7 @@ class Scheduler {
   explicit Scheduler(const SchedulerConfig& cfg);
 
   const SchedulerConfig& config() const { return cfg_; }
-  // The parking rule's settings (SchedulerConfig), changeable between steps: they change timing, not tokens.
+  // The parking rule's settings (SchedulerConfig), changeable between steps: they change which rows share a step, not the rules that decide tokens.
   void set_parking(int32_t llm_min_batch, float llm_batch_share, int32_t llm_max_wait);
   const PlanLayout& layout() const { return layout_; }
   const TableUpdateLayout& table_layout() const { return table_layout_; }

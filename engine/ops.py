@@ -37,7 +37,7 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         return y if bias is None else y.add_(bias)
     if x.dtype in (torch.bfloat16, torch.float16) and rows >= HALF_CHUNKED_MIN_ROWS:
         xt = x.float().t().contiguous()
-        out = torch.empty(weight.shape[0], rows)
+        out = torch.empty(weight.shape[0], rows, dtype=torch.float32)
         for start in range(0, weight.shape[0], WEIGHT_CHUNK):
             torch.mm(weight[start:start + WEIGHT_CHUNK].float(), xt, out=out[start:start + WEIGHT_CHUNK])
         y = out.t()

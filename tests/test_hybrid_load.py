@@ -11,6 +11,7 @@ import pytest
 
 from rstitch_engine import Engine, SamplingParams, policies
 from rstitch_engine.bench import synthetic_prompts
+from rstitch_engine.engine_config import LLM_BATCH_SHARE, LLM_MAX_WAIT
 from rstitch_engine.engine.step_loop import StepTiming
 from rstitch_engine.evaluation.simulator import simulate
 from rstitch_engine.evaluation.step_cost import REGIMES, ModelCost, StepCost
@@ -131,7 +132,7 @@ def test_engine_parking_changes_timing_not_tokens(engine):
             outs = engine.generate(prompts, params, [policies.Forced(llm_share=0.3, mean_run=2, seed=s)
                                                      for s in range(8)], use_tqdm=False)
         runs[share] = (outs, engine.sched.llm_steps - steps, timings)
-    engine.set_parking(llm_batch_share=0.5, llm_max_wait=4)
+    engine.set_parking(llm_batch_share=LLM_BATCH_SHARE, llm_max_wait=LLM_MAX_WAIT)
     assert [o.token_ids for o in runs[0.0][0]] == [o.token_ids for o in runs[1.0][0]]
     assert [o.sources for o in runs[0.0][0]] == [o.sources for o in runs[1.0][0]]
     assert runs[1.0][1] < runs[0.0][1]  # fewer, fuller LLM steps
@@ -152,7 +153,7 @@ def test_engine_parking_options_are_checked(engine):
         engine.set_parking(llm_batch_share=1.5)
     with pytest.raises(ValueError, match="llm_max_wait must be in"):
         Engine(slm="random:tiny", llm="random:small", device="cpu", llm_max_wait=-1)
-    assert engine.config.llm_batch_share == 0.5
+    assert engine.config.llm_batch_share == LLM_BATCH_SHARE  # unchanged by the refused call
 
 
 def _hybrid_load():

@@ -89,9 +89,9 @@ def test_share_parking_decisions():
     """Constructed cases: 4 forced requests, request 0 needs the LLM from its second token, the others never.
     With share 0.5 the LLM row waits (1 ready of 4 that could join: 2 wanted) for llm_max_wait steps, then
     runs; with share 0.25 (1 wanted) or without other work it never waits."""
-    def waited(share, max_wait, others=3):
-        sched = make_scheduler(llm_batch_share=share, llm_max_wait=max_wait, vocab=VOCAB)
-        dev = SimDevice(sched, 8, 128, VOCAB)
+    def waited(share, max_wait, others=3, slots=8):
+        sched = make_scheduler(llm_batch_share=share, llm_max_wait=max_wait, vocab=VOCAB, max_num_seqs=slots)
+        dev = SimDevice(sched, slots, 128, VOCAB)
         for i in range(1 + others):
             spec = _C.RequestSpec()  # no stop ids: every request runs its 6 tokens
             spec.id, spec.prompt, spec.max_tokens = i, [3, 4, 5], 6
@@ -105,6 +105,9 @@ def test_share_parking_decisions():
     assert waited(0.5, 0) == 0
     assert waited(0.25, 3) == 0
     assert waited(1.0, 3, others=0) == 0  # alone: all that could join are ready
+    # 2 slots and 6 more requests queued: only requests that can start count, so 1 of 2 is enough at 0.5
+    assert waited(0.5, 3, others=7, slots=2) == 0
+    assert waited(1.0, 3, others=7, slots=2) == 3  # share 1 wants both running rows
 
 
 def test_separate_thresholds():

@@ -384,7 +384,8 @@ class Engine:
     def set_parking(self, *, llm_batch_share: float | None = None, llm_min_batch: int | None = None,
                     llm_max_wait: int | None = None) -> None:
         """Changes the parking rule (EngineConfig's llm_* fields; None keeps a value) from the next step on:
-        timing only, never tokens, so one engine can compare rules."""
+        the same rules decide every token (only which rows share a step changes), so one engine can
+        compare rules."""
         changes = {k: v for k, v in (("llm_batch_share", llm_batch_share), ("llm_min_batch", llm_min_batch),
                                      ("llm_max_wait", llm_max_wait)) if v is not None}
         with self._lock:

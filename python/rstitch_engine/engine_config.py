@@ -22,8 +22,9 @@ CPU_KV_BUDGET_BYTES = 2**30  # the KV budget on the CPU when kv_cache_gb is not 
 
 
 # Parking defaults, chosen with the step simulator on measured costs (docs/benchmarks.md, 'Hybrid decoding
-# under load'): the LLM runs once half the requests that could need it are ready, or one waited 4 steps.
-LLM_BATCH_SHARE = 0.5
+# under load'): the LLM runs once three quarters of the requests that could need it are ready, or one
+# waited 4 steps.
+LLM_BATCH_SHARE = 0.75
 LLM_MAX_WAIT = 4
 
 
@@ -40,7 +41,7 @@ class EngineConfig:
     capturing, for tests on the CPU). llm_batch_share / llm_min_batch / llm_max_wait: park rows that need the
     LLM until llm_batch_share of the live requests that could need it (and at least llm_min_batch) are ready,
     or one has waited llm_max_wait steps, so that the LLM runs on fewer, fuller steps (docs/method.md,
-    'Scheduling the LLM under load'; timing only, never tokens; share 0 and min batch 1: off). warm_up: run the extend, decode
+    'Scheduling the LLM under load'; the same rules decide every token; share 0 and min batch 1: off). warm_up: run the extend, decode
     and large-batch paths of each model once at construction, so that Triton compiles them there and not
     inside a timed request (default on CUDA).
     """
