@@ -216,7 +216,7 @@ def test_gpu_check_dry_run(tmp_path):
     out, build = tmp_path / "check", tmp_path / "build"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "BUILD_DIR": str(build), "GPU_CHECK_BUILD": "cmake"}
     result = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--dry"], capture_output=True, text=True,
-                            timeout=1500, env=env)
+                            timeout=2700, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     facts_text = (out / "facts.jsonl").read_text()
     facts = [json.loads(line) for line in facts_text.splitlines()]
