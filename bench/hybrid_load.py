@@ -20,10 +20,9 @@ each parking rule, priced twice: by this machine's fitted step cost and by an H2
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ import torch
 from rstitch_engine import Engine, SamplingParams, policies
 from rstitch_engine.bench import synthetic_prompts
 from rstitch_engine.engine.ops import HALF_CHUNKED_MIN_ROWS, SKINNY_MAX_ROWS
-from rstitch_engine.evaluation import build_messages, synthetic_problems
+from rstitch_engine.evaluation import build_messages, collect_meta, synthetic_problems
 from rstitch_engine.evaluation.simulator import simulate
 from rstitch_engine.evaluation.step_cost import StepCost
 from rstitch_engine.protocol import LLM, SLM
@@ -46,14 +45,10 @@ H200 = dict(bandwidth=4.3e12, peak_flops=790e12, host_ms=0.05)
 
 
 def meta(**extra) -> dict:
+    """evaluation's run metadata (device, versions, date, command) with Triton's version and the threads."""
     import triton
-    import transformers
 
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": f"cpu ({platform.machine()})" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-            "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "threads": torch.get_num_threads(), "command": " ".join(sys.argv),
-            **extra}
+    return {**collect_meta(), "triton": triton.__version__, "threads": torch.get_num_threads(), **extra}
 
 
 class Workload:
@@ -80,8 +75,6 @@ class Workload:
                 self.engine.chat_prompts([build_messages(q["question"]) for q in synthetic_problems(n, seed)])]
 
     def run(self, prompts: list, policy):
-        import time
-
         start = time.perf_counter()
         outs = self.engine.generate(prompts, self.params, policy, use_tqdm=False)
         return outs, time.perf_counter() - start
@@ -136,7 +129,7 @@ def calibrate(args) -> None:
                            max_tokens=args.max_tokens), "rows": rows}
     (out / "validation.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# Step simulator vs engine ({result['meta']['date']})", "",
-             f"{result['meta']['device']}, torch {result['meta']['torch']}, {work.rstitch.name}, greedy, "
+             f"{result['meta']['device']}, torch {result['meta']['versions']['torch']}, {work.rstitch.name}, greedy, "
              f"{args.max_tokens} tokens max, parking share {share} / max wait {wait}. Step costs fitted to the "
              f"LLM-only, SLM-only and R-Stitch runs of the fit set; the R-Stitch rows below ran on other prompts "
              f"(the check set); the LLM-only columns are the fit set's (in sample). "
