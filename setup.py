@@ -38,7 +38,7 @@ setup(
     package_dir={
         "rstitch_engine": "python/rstitch_engine",
         "rstitch_engine.engine": "engine",
-        "rstitch_engine.kernels": "kernels",
+        "rstitch_engine.kernels": "rstitch_kernels",
     },
     ext_modules=[CMakeExtension("rstitch_engine._C")],
     cmdclass={"build_ext": CMakeBuild},

@@ -273,12 +273,12 @@ def stage_tput(c: Check) -> None:
 
 
 def stage_micro(c: Check) -> None:
-    """bench/kernels.py --quick: GEMV variants, lm_head, decode splits, as % of copy bandwidth."""
+    """bench/kernel_micro.py --quick: GEMV variants, lm_head, decode splits, as % of copy bandwidth."""
     if c.device.type != "cuda":
         c.fact("kernels_quick", "SKIP", reason="needs CUDA; its cases run on the CPU in "
                                                "tests/kernels/test_bench_cases.py")
         return
-    rc = _load("kernels").main(["--quick", "--out", str(c.out)])
+    rc = _load("kernel_micro").main(["--quick", "--out", str(c.out)])
     c.fact("kernels_quick", "PASS" if rc == 0 else "FAIL", rc=rc)
 
 

@@ -76,13 +76,13 @@ build() {
   cmake -S . -B "$BUILD_DIR/cmake" "${generator[@]}" -DPython_EXECUTABLE="$(command -v "$PY")" \
       -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" > /dev/null &&
     cmake --build "$BUILD_DIR/cmake" -j > /dev/null || return 1
-  # setup.py's package_dir, as links: python/rstitch_engine/*, engine/ and kernels/ in one package
+  # setup.py's package_dir, as links: python/rstitch_engine/*, engine/ and rstitch_kernels/ in one package
   local pkg=$BUILD_DIR/pythonpath/rstitch_engine entry
   mkdir -p "$pkg"
   for entry in "$ROOT"/python/rstitch_engine/*; do
     case $entry in *.so|*/__pycache__) ;; *) ln -s "$entry" "$pkg/" ;; esac
   done
-  ln -s "$ROOT/engine" "$pkg/engine" && ln -s "$ROOT/kernels" "$pkg/kernels" && cp "$BUILD_DIR"/cmake/_C*.so "$pkg/" &&
+  ln -s "$ROOT/engine" "$pkg/engine" && ln -s "$ROOT/rstitch_kernels" "$pkg/kernels" && cp "$BUILD_DIR"/cmake/_C*.so "$pkg/" &&
     PYTHONPATH=$BUILD_DIR/pythonpath "$PY" -c "import rstitch_engine as r, rstitch_engine._C, rstitch_engine.engine, \
 rstitch_engine.kernels; print('package from', r.__file__)"
 }

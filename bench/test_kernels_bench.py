@@ -1,8 +1,8 @@
 """pytest-benchmark timings of the kernels and their torch versions (CUDA only; skipped without it).
 
     python -m pytest bench/test_kernels_bench.py --benchmark-group-by=group
-Wall-clock per call including launch and a device sync; bench/kernels.py gives the device-side
-numbers (CUDA graphs, bandwidth). Cases come from bench/kernels.py.
+Wall-clock per call including launch and a device sync; bench/kernel_micro.py gives the device-side
+numbers (CUDA graphs, bandwidth). Cases come from bench/kernel_micro.py.
 """
 import importlib.util
 from pathlib import Path
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
+_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernel_micro.py"))
 bench_kernels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_kernels)
 

@@ -75,7 +75,7 @@ class ModelRunner:
         self.no_cutoff = torch.full((cap,), float("-inf"), device=device)
         # NaN/inf detection independent of the attention backend (models/decoder.py `forward`): per sequence
         # slot, whether this model's KV of the request holds a non-finite value, set by the layers through
-        # each token's slot, cleared where the KV is rebuilt from position 0 (kernels/embedding.py), read by
+        # each token's slot, cleared where the KV is rebuilt from position 0 (rstitch_kernels/embedding.py), read by
         # the stitch step; sticky across steps, as a chunked prefill decides nothing.
         self.token_slot = torch.zeros(self.plan.views.input_ids.shape[0], dtype=torch.int32, device=device)
         self.nonfinite_slots = torch.zeros(tables.tokens.shape[0], dtype=torch.int32, device=device)

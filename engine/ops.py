@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from rstitch_engine import kernels as K
 from rstitch_engine.kernels.fused_linear import unfused_norm_linear, unfused_silu_mul_linear
 
-# Rows up to which the Triton path uses the fused skinny-GEMM kernels (kernels/fused_linear.py) instead
-# of cuBLAS plus separate norm/activation kernels. To be tuned on the GPU: bench/kernels.py times both.
+# Rows up to which the Triton path uses the fused skinny-GEMM kernels (rstitch_kernels/fused_linear.py) instead
+# of cuBLAS plus separate norm/activation kernels. To be tuned on the GPU: bench/kernel_micro.py times both.
 FUSED_MAX_ROWS = 8
 # Rows up to which float32 products on the CPU run as weight @ x^T (bench/results/switch-costs-*-2026-12-01).
 SKINNY_MAX_ROWS = 16
@@ -88,7 +88,7 @@ class Ops:
         return self.triton and x.shape[0] <= FUSED_MAX_ROWS
 
     def norm_linear(self, h, residual, norm_weight, weight, bias, eps: float):
-        """(rms_norm(h + residual) @ weight^T + bias, h + residual); see kernels/fused_linear.py."""
+        """(rms_norm(h + residual) @ weight^T + bias, h + residual); see rstitch_kernels/fused_linear.py."""
         if self._fused(h):
             return K.norm_linear(h, residual, norm_weight, weight, bias, eps)
         return unfused_norm_linear(self.rms_norm, h, residual, norm_weight, weight, bias, eps, cpu_linear)

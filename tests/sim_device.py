@@ -99,7 +99,7 @@ class SimDevice:
         self._verify(m, L, tok, flags)
 
     def _verify(self, m, L, tok, flags):
-        """Greedy verification, as kernels/spec_verify.py does it."""
+        """Greedy verification, as rstitch_kernels/spec_verify.py does it."""
         f = lambda name: self.field(m, name)  # noqa: E731
         vs, sp, slot = f("verify_start"), f("sample_pos"), f("out_slot")
         li = 0

@@ -125,9 +125,10 @@ def test_e2e_benchmark_script_runs_on_the_cpu(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "bench" / "e2e.py"
-    subprocess.run([sys.executable, str(script), "--shapes", "tiny,small", "--device", "cpu", "--quick",
-                    "--max-tokens", "64", "--prompt-len", "16", "--out", str(tmp_path)], check=True,
-                   capture_output=True, timeout=600)
+    run = subprocess.run([sys.executable, str(script), "--shapes", "tiny,small", "--device", "cpu", "--quick",
+                          "--max-tokens", "64", "--prompt-len", "16", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
     [result] = tmp_path.glob("e2e-cpu-*.json")
     data = json.loads(result.read_text())
     assert {"batch1", "cost_model", "share_sweep", "spec_forced_acceptance", "batch_sweep", "long_context",
@@ -155,8 +156,9 @@ def test_switch_costs_script_dry_run(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "bench" / "switch_costs.py"
     out = tmp_path / "costs"
-    subprocess.run([sys.executable, str(script), "--dry", "--spans", "1,2,5", "--out", str(out)], check=True,
-                   capture_output=True, timeout=600)
+    run = subprocess.run([sys.executable, str(script), "--dry", "--spans", "1,2,5", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads(out.with_suffix(".json").read_text())
     assert [(r["model"], r["span"]) for r in data["rows"]] == [(m, s) for m in ("slm", "llm") for s in (1, 2, 5)]
     assert all(math.isfinite(r[c]) for r in data["rows"] for c in r if c.endswith(("_ms", "_vs_decode")))

@@ -2,7 +2,7 @@
 
 Model ids and result flags are the scheduler's (csrc/scheduler.h `Model`, csrc/plan_layout.h `ResultFlag`):
 this module mirrors them and checks the mirror against the built extension `_C` when imported, so a stale
-build fails here, not as wrong tokens. Random streams are the kernels' own (kernels/random.py): each
+build fails here, not as wrong tokens. Random streams are the kernels' own (rstitch_kernels/random.py): each
 consumer of counter-based noise owns one, so no two draw the same numbers. All are ints, usable as Triton
 constexprs (`tl.constexpr(ResultFlag.NAN.value)`).
 """

@@ -1,4 +1,4 @@
-"""bench/kernels.py's cases built on the CPU at small shapes: every case's inputs, Triton call, torch
+"""bench/kernel_micro.py's cases built on the CPU at small shapes: every case's inputs, Triton call, torch
 baseline and accuracy check run (under the interpreter), so a GPU session never finds a broken case."""
 import importlib.util
 import math
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "kernel_micro.py"
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def forward(cfg: ModelConfig, w: ModelWeights, ops, h: torch.Tensor, positions: 
     only ([L, hidden], gathered by the norm) or of all T. K/V of the new tokens are stored at meta.slot_mapping.
 
     `nonfinite` ((token_slot, nonfinite_slots), optional): every layer's rope + KV-store op marks the sequence
-    slots whose q/k/v held a NaN or an inf (kernels/rope_store.py), so that NaN is detected whatever an
+    slots whose q/k/v held a NaN or an inf (rstitch_kernels/rope_store.py), so that NaN is detected whatever an
     attention backend makes of a NaN query or key (torch's CPU SDPA and the reference's nan_to_num return
     zeros, which would keep the logits finite); a NaN after the last attention reaches the logits, which the
     stitch step checks.

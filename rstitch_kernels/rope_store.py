@@ -8,8 +8,8 @@ strides (views into the packed qkv projection output), unit last stride. One pro
 
 With `nonfinite=(token_slot [T], nonfinite_slots [slots])` (int32) a token that stores KV (padding tokens,
 slot -1, are not checked) and whose q, k or v holds a NaN or an inf sets nonfinite_slots[token_slot[t]] = 1: the model runner's NaN detection, which must not depend on
-what attention makes of a NaN (kernels/stitch_step.py reads the flags). Every writer writes 1, so the
-programs need no ordering; the flags are cleared where a request's KV is rebuilt (kernels/embedding.py).
+what attention makes of a NaN (rstitch_kernels/stitch_step.py reads the flags). Every writer writes 1, so the
+programs need no ordering; the flags are cleared where a request's KV is rebuilt (rstitch_kernels/embedding.py).
 """
 import torch
 import triton

@@ -1,6 +1,6 @@
 """Kernel benchmarks: each Triton kernel against its plain-torch version, on a CUDA device.
 
-    python bench/kernels.py [--quick] [--sweep]
+    python bench/kernel_micro.py [--quick] [--sweep]
 
 Every op is timed as CUDA-graph replays (launch gaps removed, as in the engine's decode loop), over
 enough rotated input sets to overflow L2, median of several replays. The device's copy bandwidth is
@@ -461,7 +461,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the results (default bench/results)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA device here, nothing to measure; run it on a GPU machine.")
+        print("bench/kernel_micro.py: no CUDA device here, nothing to measure; run it on a GPU machine.")
         return 0
     import triton
 

@@ -30,9 +30,9 @@ which keeps the unfused path (F.linear + rms_norm with residual) at its kernel c
 rounding the residual stream at the same points; so no GEMV has a residual epilogue.
 Launch grids depend on shapes only (no host sync): CUDA-graph capturable.
 
-Tuning constants (module level, read at launch; bench/kernels.py --sweep times alternatives), overridden
+Tuning constants (module level, read at launch; bench/kernel_micro.py --sweep times alternatives), overridden
 per shape by GEMV_CONFIGS: (rows padded to a power of two, N, K, weight dtype) -> the constants measured
-best there, which `bench/kernels.py --sweep` writes as JSON and `load_gemv_configs` installs, or
+best there, which `bench/kernel_micro.py --sweep` writes as JSON and `load_gemv_configs` installs, or
 RSTITCH_GEMV_CONFIGS=<file> at the first launch (entries installed explicitly win). Expected
 H100 choice, to be confirmed by the sweep: BLOCK_N 16 (32 at M = 16 if x reloads show), BLOCK_K 256,
 4 warps, 4 stages, MIN_ROWS 1 (sm_90a: 26-29 KB shared memory and 40-96 registers at M = 1, 49-75 KB

@@ -9,7 +9,7 @@ One read of each logits row gives
 
 `nonfinite_slots` exists because NaN detection must not depend on how an attention backend treats NaN
 (torch's CPU SDPA and the reference's nan_to_num turn a NaN query into zeros, so the logits can stay
-finite): the rope + KV-store op marks the sequence slots whose q/k/v held one (kernels/rope_store.py).
+finite): the rope + KV-store op marks the sequence slots whose q/k/v held one (rstitch_kernels/rope_store.py).
 
 Temperatures below GREEDY_TEMPERATURE (sampling_params.py, 1e-5) are greedy: logits / T overflows for tiny T.
 

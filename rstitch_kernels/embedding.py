@@ -3,7 +3,7 @@
 A token's id is in the plan (input_ids), or, where the plan gives token_index >= 0, in the device token
 table: a token produced by the previous step, which the host has not read yet. With the NaN tracking
 arguments (all or none), the op also writes token_slot[t] = seq_slot[row of t] (the row found from
-query_start_loc; kernels/rope_store.py marks nonfinite_slots through it) and clears the flag of a slot
+query_start_loc; rstitch_kernels/rope_store.py marks nonfinite_slots through it) and clears the flag of a slot
 whose KV is rebuilt from position 0 (a token at position 0 that stores KV), before any layer can set it.
 One program per token.
 """
