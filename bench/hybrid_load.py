@@ -29,7 +29,7 @@ import torch
 
 from rstitch_engine import Engine, SamplingParams, policies
 from rstitch_engine.bench import synthetic_prompts
-from rstitch_engine.engine.ops import HALF_CHUNKED_MIN_ROWS, SKINNY_MAX_ROWS
+from rstitch_engine.engine.ops import cpu_product_bounds
 from rstitch_engine.evaluation import build_messages, collect_meta, synthetic_problems
 from rstitch_engine.evaluation.simulator import simulate
 from rstitch_engine.evaluation.step_cost import StepCost
@@ -97,9 +97,7 @@ def calibrate(args) -> None:
                 print(f"{name} batch {b}: {sum(len(o.token_ids) for o in outs) / wall:.2f} tok/s", flush=True)
             records += [{"policy": work.rstitch.name, "batch_size": b, "sources": list(o.sources),
                          "prompt_tokens": len(o.prompt_token_ids)} for o in measured["rstitch", b][0]]
-    # where the CPU's products change algorithm (engine/ops.py, cpu_linear)
-    wide_from = HALF_CHUNKED_MIN_ROWS if work.engine.dtype != torch.float32 else SKINNY_MAX_ROWS + 1
-    cost = StepCost.fit(timings, wide_from=wide_from, meta=meta(
+    cost = StepCost.fit(timings, bounds=cpu_product_bounds(work.engine.dtype), meta=meta(
         fitted_on="llm-only, slm-only and R-Stitch batches of " + ",".join(map(str, batches))))
     cost.save(out / "step_cost.json")
     # Check set: R-Stitch on other prompts, each batch replayed from its own switching patterns.

@@ -3,6 +3,7 @@ Triton kernels (CUDA, or the CPU interpreter under TRITON_INTERPRET=1) or their 
 (the CPU path CI runs). The runtime above this never branches on the implementation."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,12 +17,18 @@ from rstitch_engine.kernels.fused_linear import unfused_norm_linear, unfused_sil
 FUSED_MAX_ROWS = 8
 # Rows up to which float32 products on the CPU run as weight @ x^T (bench/results/switch-costs-*-2026-12-01).
 SKINNY_MAX_ROWS = 16
-# Rows from which bfloat16/float16 products on the CPU run in float32 over WEIGHT_CHUNK-row slices of the
-# weight, each converted while it is in cache (measured on the 2-core x86 VM, 2 threads, 2026-12-03, the
-# 1.5B's 8960 x 1536 MLP weight: torch's bf16 GEMM, without bf16 units on AVX2, costs 3.6 ms a row, 29 ms
-# for 16 rows and 250 ms for 128; the chunked float32 product 12 ms up to 8 rows, 8.6 ms for 16, 30 for 128).
-HALF_CHUNKED_MIN_ROWS = 8
-WEIGHT_CHUNK = 256
+# Half-precision (bf16/fp16) products on a CPU where oneDNN has no support for that type (AVX2 without
+# AVX-512) cost a weight pass per row in torch's GEMM; there, from HALF_CHUNKED_MIN_ROWS rows, they run in
+# float32 over slices of WEIGHT_CHUNK weight elements, each converted into one reused buffer while it is in
+# cache, as x @ slice^T below HALF_TRANSPOSED_MIN_ROWS rows and slice @ x^T from there (the faster
+# orientation of torch's float32 GEMM for each). Measured on the 2-core x86 VM, 2 threads, 2026-12-03, the
+# 1.5B's 8960 x 1536 MLP weight: torch's bf16 GEMM 2.1 / 3.8 / 7.2 / 14.2 / 28.3 ms at 1 / 2 / 4 / 8 / 16
+# rows; chunked 3.3 / 4.5 / 6.4 / 7.0 / 6.6 ms (the conversion is the fixed ~3 ms); the same break-even for
+# the 1536 x 8960, attention and 151936-row head shapes; slices of 256 x 1536 or 128 x 1536 elements were
+# 5-15% slower. Where oneDNN supports the type, torch's GEMM is kept.
+HALF_CHUNKED_MIN_ROWS = 3
+HALF_TRANSPOSED_MIN_ROWS = 16
+WEIGHT_CHUNK = 512 * 1536
 
 
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,14 +42,45 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if x.dtype == torch.float32 and 2 <= rows <= SKINNY_MAX_ROWS:
         y = torch.mm(weight, x.t()).t().contiguous()
         return y if bias is None else y.add_(bias)
-    if x.dtype in (torch.bfloat16, torch.float16) and rows >= HALF_CHUNKED_MIN_ROWS:
-        xt = x.float().t().contiguous()
-        out = torch.empty(weight.shape[0], rows, dtype=torch.float32)
-        for start in range(0, weight.shape[0], WEIGHT_CHUNK):
-            torch.mm(weight[start:start + WEIGHT_CHUNK].float(), xt, out=out[start:start + WEIGHT_CHUNK])
-        y = out.t()
-        return (y if bias is None else y + bias.float()).to(x.dtype).contiguous()
+    if x.dtype in (torch.bfloat16, torch.float16) and rows >= HALF_CHUNKED_MIN_ROWS and _slow_half_gemm(x.dtype):
+        return _chunked_half_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def cpu_product_bounds(dtype: torch.dtype) -> tuple[int, ...]:
+    """The row counts from which cpu_linear changes algorithm for this dtype on this CPU, in order (a step's
+    cost is a different line in each range: evaluation/step_cost.py)."""
+    if dtype == torch.float32:
+        return 2, SKINNY_MAX_ROWS + 1
+    return (HALF_CHUNKED_MIN_ROWS, HALF_TRANSPOSED_MIN_ROWS) if _slow_half_gemm(dtype) else ()
+
+
+@functools.cache
+def _slow_half_gemm(dtype: torch.dtype) -> bool:
+    mkldnn = torch.ops.mkldnn
+    return not (mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported())
+
+
+def _chunked_half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    rows, chunk = x.shape[0], max(16, WEIGHT_CHUNK // in_features)
+    # one buffer for every slice: a fresh float32 tensor per slice costs more than its product here
+    buffer = torch.empty(min(chunk, out_features), in_features, dtype=torch.float32)
+    xf = x.float()
+    transposed = rows >= HALF_TRANSPOSED_MIN_ROWS
+    if transposed:
+        xf = xf.t().contiguous()
+    out = torch.empty((out_features, rows) if transposed else (rows, out_features), dtype=torch.float32)
+    for start in range(0, out_features, chunk):
+        stop = min(start + chunk, out_features)
+        piece = buffer[:stop - start]
+        piece.copy_(weight[start:stop])
+        if transposed:
+            torch.mm(piece, xf, out=out[start:stop])
+        else:
+            out[:, start:stop] = torch.mm(xf, piece.t())
+    y = out.t() if transposed else out
+    return (y if bias is None else y + bias.float()).to(x.dtype).contiguous()
 
 
 @dataclass

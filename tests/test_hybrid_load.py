@@ -14,7 +14,7 @@ from rstitch_engine.bench import synthetic_prompts
 from rstitch_engine.engine_config import LLM_BATCH_SHARE, LLM_MAX_WAIT
 from rstitch_engine.engine.step_loop import StepTiming
 from rstitch_engine.evaluation.simulator import simulate
-from rstitch_engine.evaluation.step_cost import REGIMES, ModelCost, StepCost
+from rstitch_engine.evaluation.step_cost import ModelCost, StepCost
 from rstitch_engine.protocol import LLM, SLM
 from rstitch_engine.random_models import SHAPES, streamed_bytes
 
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cost_of(slm: ModelCost, llm: ModelCost, host_fixed=0.0, host_per_row=0.0) -> StepCost:
-    """One set of coefficients for both regimes."""
-    return StepCost({SLM: {r: slm for r in REGIMES}, LLM: {r: llm for r in REGIMES}}, 8, host_fixed, host_per_row)
+    """One set of coefficients, one regime."""
+    return StepCost({SLM: [slm], LLM: [llm]}, (), host_fixed, host_per_row)
 
 
 FLAT = cost_of(ModelCost(1.0, 0.0, 0.0, 0.0), ModelCost(10.0, 0.0, 0.0, 0.0))
@@ -66,31 +66,31 @@ def test_simulator_parking_waits_at_most_max_wait_and_fills_llm_steps():
 
 
 def test_step_cost_fit_recovers_known_costs():
-    """Each model's two regimes (fewer than 8 tokens in the step, or more) and the host time, from timings
-    made up from known coefficients."""
-    truth = {SLM: {"narrow": ModelCost(5.0, 0.4, 0.2, 0.001), "wide": ModelCost(9.0, 0.1, 0.05, 0.002)},
-             LLM: {"narrow": ModelCost(20.0, 1.5, 0.6, 0.004), "wide": ModelCost(35.0, 0.2, 0.1, 0.003)}}
-    made_up = StepCost(truth, 8, 0.3, 0.05)
+    """Each model's three regimes (fewer than 4 tokens in the step, 4-9, 10 or more) and the host time, from
+    timings made up from known coefficients."""
+    truth = {SLM: [ModelCost(5.0, 0.4, 0.2, 0.001), ModelCost(7.0, 0.3, 0.1, 0.001), ModelCost(9.0, 0.1, 0.05, 0.002)],
+             LLM: [ModelCost(20.0, 1.5, 0.6, 0.004), ModelCost(28.0, 0.5, 0.3, 0.002), ModelCost(35.0, 0.2, 0.1, 0.003)]}
+    made_up = StepCost(truth, (4, 10), 0.3, 0.05)
+    assert [made_up.regime_name(r) for r in range(3)] == ["1-3 tokens", "4-9 tokens", "10+ tokens"]
     rng = np.random.default_rng(1)
     timings = []
-    for step in range(120):
+    for step in range(200):
         shapes = []
         for m in (SLM, LLM):
-            rows = int(rng.integers(1, 16))
-            tokens = rows + int(rng.integers(0, 12))
+            rows = int(rng.integers(1, 12))
+            tokens = rows + int(rng.integers(0, 3)) * int(rng.integers(0, 8))
             shapes.append((m, rows, tokens, int(rng.integers(rows * 10, rows * 300))))
         wall = made_up.step_ms(shapes) / 1e3
         timings += [StepTiming(step, *shape, made_up.model_ms(*shape) / 1e3, wall) for shape in shapes]
-    cost = StepCost.fit(timings, wide_from=8)
+    cost = StepCost.fit(timings, bounds=(4, 10))
     for m in (SLM, LLM):
-        for regime in REGIMES:
-            got, want = cost.models[m][regime], truth[m][regime]
+        for got, want in zip(cost.models[m], truth[m], strict=True):
             assert (got.fixed, got.per_row, got.per_token, got.per_context) == pytest.approx(
                 (want.fixed, want.per_row, want.per_token, want.per_context), rel=1e-3)
     assert (cost.host_fixed, cost.host_per_row) == pytest.approx((0.3, 0.05), rel=1e-3)
-    narrow_only = [t for t in timings if t.tokens < 8]
-    with pytest.raises(ValueError, match="slm/wide steps \\(tokens >= 8\\), need 8 or more"):
-        StepCost.fit(narrow_only, wide_from=8)
+    narrow_only = [t for t in timings if t.tokens < 10]
+    with pytest.raises(ValueError, match="0 steps of slm/10\\+ tokens, need 8 or more"):
+        StepCost.fit(narrow_only, bounds=(4, 10))
 
 
 def test_step_cost_roofline_and_files(tmp_path):
@@ -100,8 +100,7 @@ def test_step_cost_roofline_and_files(tmp_path):
     weight = streamed_bytes(cfg, torch.bfloat16)
     cost = StepCost.roofline({LLM: (weight, cfg.kv_bytes_per_token(torch.bfloat16), weight / 2)}, bandwidth=4e12,
                              peak_flops=800e12, host_ms=0.05)
-    model = cost.models[LLM]["narrow"]
-    assert cost.models[LLM]["wide"] == model
+    [model] = cost.models[LLM]
     assert model.ms(1, 1, 0) == pytest.approx(1e3 * weight / 4e12)  # one decode: the weights once
     assert model.ms(1, 4096, 4096) == pytest.approx(1e3 * 4096 * weight / 800e12)  # a long prefill: compute
     assert cost.step_ms([(LLM, 1, 1, 0)]) == pytest.approx(model.ms(1, 1, 0) + 0.05)
@@ -110,6 +109,10 @@ def test_step_cost_roofline_and_files(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json: not a step-cost file"):
         StepCost.load(tmp_path / "bad.json")
+    data = cost.to_json()
+    (tmp_path / "short.json").write_text(json.dumps({**data, "bounds": [3]}))
+    with pytest.raises(ValueError, match="short.json: not a step-cost file .*2 regimes per model expected"):
+        StepCost.load(tmp_path / "short.json")
     with pytest.raises(FileNotFoundError, match="no step-cost file at .*missing.json; make one with"):
         StepCost.load(tmp_path / "missing.json")
 

@@ -104,13 +104,15 @@ def test_sharded_checkpoint_loads(tmp_path, tiny):
     torch.testing.assert_close(engine_logits(tmp_path, ids), engine_logits(src, ids), rtol=1e-6, atol=1e-5)
 
 
-def test_cpu_linear_is_f_linear():
-    """engine/ops.py's CPU products compute F.linear, bias included: 2..16 float32 rows as weight @ x^T, and 8 or
-    more half-precision rows in float32 over weight chunks (a weight whose rows are not a whole number of
-    chunks included), rounded to the input's dtype."""
+def test_cpu_linear_is_f_linear(monkeypatch):
+    """engine/ops.py's CPU products compute F.linear, bias included: 2..16 float32 rows as weight @ x^T, and 3 or
+    more half-precision rows in float32 over weight chunks in both orientations (a weight whose rows are not a
+    whole number of chunks included), rounded to the input's dtype."""
     import torch.nn.functional as F
 
-    from rstitch_engine.engine.ops import HALF_CHUNKED_MIN_ROWS, SKINNY_MAX_ROWS, WEIGHT_CHUNK, cpu_linear
+    from rstitch_engine.engine import ops
+    from rstitch_engine.engine.ops import (HALF_CHUNKED_MIN_ROWS, HALF_TRANSPOSED_MIN_ROWS, SKINNY_MAX_ROWS,
+                                           WEIGHT_CHUNK, cpu_linear)
 
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(300, 70, generator=g), torch.randn(300, generator=g)
@@ -120,14 +122,27 @@ def test_cpu_linear_is_f_linear():
             got = cpu_linear(x, w, bias)
             assert got.is_contiguous() and got.shape == (rows, 300)
             torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
-    w_half = torch.randn(WEIGHT_CHUNK + 44, 70, generator=g)
+    monkeypatch.setattr(ops, "_slow_half_gemm", lambda dtype: True)  # as on AVX2, whatever this CPU has
+    w_half = torch.randn(WEIGHT_CHUNK // 70 + 44, 70, generator=g)
     for dtype in (torch.bfloat16, torch.float16):
-        for rows in (1, HALF_CHUNKED_MIN_ROWS - 1, HALF_CHUNKED_MIN_ROWS, 40):
+        for rows in (1, HALF_CHUNKED_MIN_ROWS - 1, HALF_CHUNKED_MIN_ROWS, HALF_TRANSPOSED_MIN_ROWS - 1,
+                     HALF_TRANSPOSED_MIN_ROWS, 40):
             x = torch.randn(rows, 70, generator=g).to(dtype)
             for bias in (None, torch.randn(w_half.shape[0], generator=g).to(dtype)):  # per output: chunked too
                 got = cpu_linear(x, w_half.to(dtype), bias)
                 assert got.dtype == dtype and got.is_contiguous() and got.shape == (rows, w_half.shape[0])
                 want = F.linear(x.float(), w_half.to(dtype).float(), None if bias is None else bias.float())
                 torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
-    x16 = torch.randn(4, 70, generator=g).bfloat16()
+    x16 = torch.randn(HALF_CHUNKED_MIN_ROWS - 1, 70, generator=g).bfloat16()
     assert torch.equal(cpu_linear(x16, w.bfloat16()), F.linear(x16, w.bfloat16()))  # few half rows: F.linear
+
+
+def test_cpu_product_bounds_follow_cpu_linear(monkeypatch):
+    """The step-cost regimes (evaluation/step_cost.py) start where cpu_linear changes algorithm."""
+    from rstitch_engine.engine import ops
+
+    assert ops.cpu_product_bounds(torch.float32) == (2, ops.SKINNY_MAX_ROWS + 1)
+    monkeypatch.setattr(ops, "_slow_half_gemm", lambda dtype: True)
+    assert ops.cpu_product_bounds(torch.bfloat16) == (ops.HALF_CHUNKED_MIN_ROWS, ops.HALF_TRANSPOSED_MIN_ROWS)
+    monkeypatch.setattr(ops, "_slow_half_gemm", lambda dtype: False)
+    assert ops.cpu_product_bounds(torch.float16) == ()

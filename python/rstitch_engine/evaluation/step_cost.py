@@ -5,15 +5,16 @@ the LLM under load'). Per model, a forward of R rows feeding T new tokens over C
     max(fixed + per_row*R + per_token*(T - R) + per_context*C,  floor_per_token*T)      milliseconds
 
 (`per_row`: what each decoding row adds; `per_token`: each further token of a catch-up extend or prefill;
-the floor: a compute-bound forward on a GPU), with one set of coefficients for steps of fewer than
-`wide_from` tokens and another for the wider ones, since a CPU's matrix products change algorithm with the
-row count (engine/ops.py, cpu_linear); each step adds host time host_fixed + host_per_row*(rows of both
+the floor: a compute-bound forward on a GPU), with one set of coefficients per regime of step width:
+`bounds` are the token counts from which the next regime starts, where the CPU's matrix products change
+algorithm (engine/ops.py, cpu_product_bounds); each step adds host time host_fixed + host_per_row*(rows of both
 models). Two sources: `fit` to StepTiming rows the engine recorded on this machine (non-negative least
 squares, relative error, as router/latency.py fits its per-request model), or `roofline` for a GPU that
 was not measured: bytes streamed over bandwidth, FLOPs over peak.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,8 +22,6 @@ import numpy as np
 
 from ..protocol import Model
 from ..router.latency import MODEL_NAMES, nnls, read_json, relative_nnls, write_json
-
-REGIMES = ("narrow", "wide")
 
 
 @dataclass(frozen=True)
@@ -46,14 +45,21 @@ class ModelCost:
 
 @dataclass
 class StepCost:
-    models: dict[int, dict[str, ModelCost]]  # model -> regime ("narrow", "wide") -> costs
-    wide_from: int                           # tokens from which a step is "wide"
+    models: dict[int, list[ModelCost]]  # model -> one ModelCost per regime
+    bounds: tuple[int, ...]             # tokens from which regime 1, 2, ... starts (regime 0 below the first)
     host_fixed: float = 0.0
     host_per_row: float = 0.0
     meta: dict = field(default_factory=dict)
 
     def model_ms(self, model: int, rows: int, tokens: int, context: int) -> float:
-        return self.models[model][REGIMES[tokens >= self.wide_from]].ms(rows, tokens, context)
+        return self.models[model][self.regime(tokens)].ms(rows, tokens, context)
+
+    def regime(self, tokens: int) -> int:
+        return bisect.bisect_right(self.bounds, tokens)
+
+    def regime_name(self, regime: int) -> str:
+        low = self.bounds[regime - 1] if regime else 1
+        return f"{low}+ tokens" if regime == len(self.bounds) else f"{low}-{self.bounds[regime] - 1} tokens"
 
     def step_ms(self, shapes) -> float:
         """Milliseconds of a step whose models ran (model, rows, tokens, context) each."""
@@ -62,22 +68,21 @@ class StepCost:
         return forwards + (self.host_fixed + self.host_per_row * rows if rows else 0.0)
 
     @classmethod
-    def fit(cls, timings, *, wide_from: int, meta: dict | None = None) -> "StepCost":
-        """From engine/step_loop.StepTiming rows (StepLoop.timings): both models, both regimes."""
-        timings = list(timings)
+    def fit(cls, timings, *, bounds: tuple[int, ...], meta: dict | None = None) -> "StepCost":
+        """From engine/step_loop.StepTiming rows (StepLoop.timings): both models, every regime."""
+        timings, shell = list(timings), cls({}, tuple(bounds))
         models, quality = {}, {}
         for m in sorted({t.model for t in timings}):
-            models[m] = {}
-            for wide, regime in enumerate(REGIMES):
-                mine = [t for t in timings if t.model == m and (t.tokens >= wide_from) == wide]
-                name = f"{MODEL_NAMES[Model(m)]}/{regime}"
+            models[m] = []
+            for regime in range(len(shell.bounds) + 1):
+                mine = [t for t in timings if t.model == m and shell.regime(t.tokens) == regime]
+                name = f"{MODEL_NAMES[Model(m)]}/{shell.regime_name(regime)}"
                 if len(mine) < 8:
-                    raise ValueError(f"step cost fit: {len(mine)} {name} steps (tokens {'>=' if wide else '<'} "
-                                     f"{wide_from}), need 8 or more")
+                    raise ValueError(f"step cost fit: {len(mine)} steps of {name}, need 8 or more")
                 x = np.array([ModelCost.features(t.rows, t.tokens, t.context) for t in mine])
                 ms = np.array([1e3 * t.seconds for t in mine])
                 coef = relative_nnls(x, ms)
-                models[m][regime] = ModelCost(*map(float, coef))
+                models[m].append(ModelCost(*map(float, coef)))
                 quality[name] = {"steps": len(mine), "median_rel_err": float(np.median(np.abs(x @ coef / ms - 1)))}
         steps: dict[int, list] = {}
         for t in timings:
@@ -85,7 +90,7 @@ class StepCost:
         host = np.array([[1.0, sum(t.rows for t in ts)] for ts in steps.values()])
         residual = np.array([1e3 * (ts[0].step_seconds - sum(t.seconds for t in ts)) for ts in steps.values()])
         host_fixed, host_per_row = map(float, nnls(host, np.maximum(residual, 0.0)))
-        return cls(models, wide_from, host_fixed, host_per_row, {**(meta or {}), "fit": quality})
+        return cls(models, shell.bounds, host_fixed, host_per_row, {**(meta or {}), "fit": quality})
 
     @classmethod
     def roofline(cls, shapes: dict[int, tuple], *, bandwidth: float, peak_flops: float, host_ms: float,
@@ -98,13 +103,13 @@ class StepCost:
             cost = ModelCost(fixed=1e3 * weight_bytes / bandwidth, per_row=0.0, per_token=0.0,
                              per_context=1e3 * kv_bytes_per_token / bandwidth,
                              floor_per_token=1e3 * 2 * params / peak_flops)
-            models[m] = {regime: cost for regime in REGIMES}
-        return cls(models, 1, host_ms, 0.0, {**(meta or {}), "bandwidth": bandwidth, "peak_flops": peak_flops})
+            models[m] = [cost]
+        return cls(models, (), host_ms, 0.0, {**(meta or {}), "bandwidth": bandwidth, "peak_flops": peak_flops})
 
     def to_json(self) -> dict:
-        return {"units": "ms", "wide_from": self.wide_from,
-                "models": {MODEL_NAMES[Model(m)]: {r: asdict(c) for r, c in by_regime.items()}
-                           for m, by_regime in sorted(self.models.items())},
+        return {"units": "ms", "bounds": list(self.bounds),
+                "regimes": [self.regime_name(r) for r in range(len(self.bounds) + 1)],
+                "models": {MODEL_NAMES[Model(m)]: [asdict(c) for c in costs] for m, costs in sorted(self.models.items())},
                 "host_fixed": self.host_fixed, "host_per_row": self.host_per_row, "meta": self.meta}
 
     def save(self, path: str | Path) -> Path:
@@ -116,8 +121,10 @@ class StepCost:
         data = read_json(path, "step-cost file", "`python bench/hybrid_load.py calibrate`")
         names = {name: m for m, name in MODEL_NAMES.items()}
         try:
-            models = {int(names[k]): {r: ModelCost(**v[r]) for r in REGIMES} for k, v in data["models"].items()}
-            return cls(models, int(data["wide_from"]), float(data["host_fixed"]), float(data["host_per_row"]),
-                       data.get("meta", {}))
-        except (KeyError, TypeError, AttributeError) as e:
+            bounds = tuple(int(b) for b in data["bounds"])
+            models = {int(names[k]): [ModelCost(**c) for c in v] for k, v in data["models"].items()}
+            if any(len(costs) != len(bounds) + 1 for costs in models.values()):
+                raise ValueError(f"{len(bounds) + 1} regimes per model expected")
+            return cls(models, bounds, float(data["host_fixed"]), float(data["host_per_row"]), data.get("meta", {}))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{path}: not a step-cost file ({e!r})") from None
