@@ -173,7 +173,7 @@ def test_hybrid_load_calibrate_and_sweep_dry(tmp_path, engine):
     assert [r["batch"] for r in validation["rows"]] == [1, 4, 8, 16]
     for r in validation["rows"]:
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("engine_tok_s", "sim_tok_s", "engine_llm_only_tok_s",
-                                                              "sim_llm_only_tok_s"))
+                                                              "sim_llm_only_tok_s", "engine_ratio", "sim_ratio"))
         assert r["engine_llm_steps"] == r["sim_llm_steps"]  # the same rule on the same patterns
     outs = engine.generate(synthetic_prompts(5, 9, engine.vocab_limit), SamplingParams(max_tokens=20, ignore_eos=True),
                            policies.Forced(llm_share=0.3, mean_run=3), use_tqdm=False)
