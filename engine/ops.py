@@ -17,8 +17,8 @@ from rstitch_engine.kernels.fused_linear import unfused_norm_linear, unfused_sil
 FUSED_MAX_ROWS = 8
 # Rows up to which float32 products on the CPU run as weight @ x^T (bench/results/switch-costs-*-2026-12-01).
 SKINNY_MAX_ROWS = 16
-# Half-precision (bf16/fp16) products on a CPU where oneDNN has no support for that type (AVX2 without
-# AVX-512) cost a weight pass per row in torch's GEMM; there, from HALF_CHUNKED_MIN_ROWS rows, they run in
+# Half-precision (bf16/fp16) products on a CPU where oneDNN has no support for that type (bf16: AVX2
+# without AVX-512) cost a weight pass per row in torch's GEMM; there, from HALF_CHUNKED_MIN_ROWS rows, they run in
 # float32 over slices of WEIGHT_CHUNK weight elements, each converted into one reused buffer while it is in
 # cache, as x @ slice^T below HALF_TRANSPOSED_MIN_ROWS rows and slice @ x^T from there (the faster
 # orientation of torch's float32 GEMM for each). Measured on the 2-core x86 VM, 2 threads, 2026-12-03, the
@@ -52,19 +52,24 @@ def cpu_product_bounds(dtype: torch.dtype) -> tuple[int, ...]:
     cost is a different line in each range: evaluation/step_cost.py)."""
     if dtype == torch.float32:
         return 2, SKINNY_MAX_ROWS + 1
-    return (HALF_CHUNKED_MIN_ROWS, HALF_TRANSPOSED_MIN_ROWS) if _slow_half_gemm(dtype) else ()
+    if dtype in (torch.bfloat16, torch.float16) and _slow_half_gemm(dtype):
+        return HALF_CHUNKED_MIN_ROWS, HALF_TRANSPOSED_MIN_ROWS
+    return ()
 
 
 @functools.cache
 def _slow_half_gemm(dtype: torch.dtype) -> bool:
-    mkldnn = torch.ops.mkldnn
-    return not (mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported())
+    name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    try:
+        return not getattr(torch.ops.mkldnn, name)()
+    except (AttributeError, RuntimeError):  # a torch without the private probe: keep its own GEMM, always right
+        return False
 
 
 def _chunked_half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     out_features, in_features = weight.shape
     rows, chunk = x.shape[0], max(16, WEIGHT_CHUNK // in_features)
-    # one buffer for every slice: a fresh float32 tensor per slice costs more than its product here
+    # one buffer for every weight slice: a fresh float32 tensor per slice costs more than its product here
     buffer = torch.empty(min(chunk, out_features), in_features, dtype=torch.float32)
     xf = x.float()
     transposed = rows >= HALF_TRANSPOSED_MIN_ROWS

@@ -72,6 +72,10 @@ def test_step_cost_fit_recovers_known_costs():
              LLM: [ModelCost(20.0, 1.5, 0.6, 0.004), ModelCost(28.0, 0.5, 0.3, 0.002), ModelCost(35.0, 0.2, 0.1, 0.003)]}
     made_up = StepCost(truth, (4, 10), 0.3, 0.05)
     assert [made_up.regime_name(r) for r in range(3)] == ["1-3 tokens", "4-9 tokens", "10+ tokens"]
+    assert [StepCost({}, (2, 17)).regime_name(r) for r in range(3)] == ["1 token", "2-16 tokens", "17+ tokens"]
+    for bad in ((10, 4), (1, 4), (4, 4)):
+        with pytest.raises(ValueError, match="bounds must be increasing token counts of 2 or more"):
+            StepCost({}, bad)
     rng = np.random.default_rng(1)
     timings = []
     for step in range(200):

@@ -123,6 +123,9 @@ def test_cpu_linear_is_f_linear(monkeypatch):
             assert got.is_contiguous() and got.shape == (rows, 300)
             torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(ops, "_slow_half_gemm", lambda dtype: True)  # as on AVX2, whatever this CPU has
+    chunked_rows = []  # which products took the chunked path, and in which orientation (via its float32 mm)
+    real_chunked = ops._chunked_half_linear
+    monkeypatch.setattr(ops, "_chunked_half_linear", lambda x, *a: chunked_rows.append(x.shape[0]) or real_chunked(x, *a))
     w_half = torch.randn(WEIGHT_CHUNK // 70 + 44, 70, generator=g)
     for dtype in (torch.bfloat16, torch.float16):
         for rows in (1, HALF_CHUNKED_MIN_ROWS - 1, HALF_CHUNKED_MIN_ROWS, HALF_TRANSPOSED_MIN_ROWS - 1,
@@ -133,6 +136,9 @@ def test_cpu_linear_is_f_linear(monkeypatch):
                 assert got.dtype == dtype and got.is_contiguous() and got.shape == (rows, w_half.shape[0])
                 want = F.linear(x.float(), w_half.to(dtype).float(), None if bias is None else bias.float())
                 torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    # each row count took the chunked path iff it is HALF_CHUNKED_MIN_ROWS or more (2 dtypes x 2 biases)
+    assert chunked_rows == [r for r in (1, HALF_CHUNKED_MIN_ROWS - 1, HALF_CHUNKED_MIN_ROWS, HALF_TRANSPOSED_MIN_ROWS - 1,
+                                        HALF_TRANSPOSED_MIN_ROWS, 40) if r >= HALF_CHUNKED_MIN_ROWS for _ in range(2)] * 2
     x16 = torch.randn(HALF_CHUNKED_MIN_ROWS - 1, 70, generator=g).bfloat16()
     assert torch.equal(cpu_linear(x16, w.bfloat16()), F.linear(x16, w.bfloat16()))  # few half rows: F.linear
 

@@ -54,12 +54,20 @@ class StepCost:
     def model_ms(self, model: int, rows: int, tokens: int, context: int) -> float:
         return self.models[model][self.regime(tokens)].ms(rows, tokens, context)
 
+    def __post_init__(self):
+        self.bounds = tuple(self.bounds)
+        if any(b < 2 for b in self.bounds) or list(self.bounds) != sorted(set(self.bounds)):
+            raise ValueError(f"step-cost bounds must be increasing token counts of 2 or more, got {self.bounds}")
+
     def regime(self, tokens: int) -> int:
         return bisect.bisect_right(self.bounds, tokens)
 
     def regime_name(self, regime: int) -> str:
         low = self.bounds[regime - 1] if regime else 1
-        return f"{low}+ tokens" if regime == len(self.bounds) else f"{low}-{self.bounds[regime] - 1} tokens"
+        if regime == len(self.bounds):
+            return f"{low}+ tokens"
+        high = self.bounds[regime] - 1
+        return f"{low} token{'s' * (low > 1)}" if high == low else f"{low}-{high} tokens"
 
     def step_ms(self, shapes) -> float:
         """Milliseconds of a step whose models ran (model, rows, tokens, context) each."""
