@@ -118,11 +118,11 @@ def calibrate(args) -> None:
                            batch=b, llm_only=True, **shape)
         tokens = sum(len(o.token_ids) for o in outs)
         engine_llm = sum(len(o.token_ids) for o in llm_outs) / llm_wall
+        engine_ratio, sim_ratio = tokens / wall / engine_llm, sim.tok_s / sim_llm.tok_s
         row = {"batch": b, "engine_tok_s": tokens / wall, "sim_tok_s": sim.tok_s,
                "sim_error_pct": 100 * (sim.tok_s / (tokens / wall) - 1),
                "engine_llm_only_tok_s": engine_llm, "sim_llm_only_tok_s": sim_llm.tok_s,
-               "engine_ratio": tokens / wall / engine_llm, "sim_ratio": sim.tok_s / sim_llm.tok_s,
-               "ratio_error_pct": 100 * (sim.tok_s / sim_llm.tok_s / (tokens / wall / engine_llm) - 1),
+               "engine_ratio": engine_ratio, "sim_ratio": sim_ratio, "ratio_error_pct": 100 * (sim_ratio / engine_ratio - 1),
                "llm_share": sum(map(sum, patterns)) / tokens,
                "engine_llm_steps": llm_steps, "sim_llm_steps": sim.llm_steps}
         rows.append(row)

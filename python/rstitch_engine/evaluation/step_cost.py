@@ -78,27 +78,27 @@ class StepCost:
     @classmethod
     def fit(cls, timings, *, bounds: tuple[int, ...], meta: dict | None = None) -> "StepCost":
         """From engine/step_loop.StepTiming rows (StepLoop.timings): both models, every regime."""
-        timings, shell = list(timings), cls({}, tuple(bounds))
-        models, quality = {}, {}
+        timings, quality = list(timings), {}
+        cost = cls({}, tuple(bounds), meta={**(meta or {}), "fit": quality})  # filled in below
         for m in sorted({t.model for t in timings}):
-            models[m] = []
-            for regime in range(len(shell.bounds) + 1):
-                mine = [t for t in timings if t.model == m and shell.regime(t.tokens) == regime]
-                name = f"{MODEL_NAMES[Model(m)]}/{shell.regime_name(regime)}"
+            cost.models[m] = []
+            for regime in range(len(cost.bounds) + 1):
+                mine = [t for t in timings if t.model == m and cost.regime(t.tokens) == regime]
+                name = f"{MODEL_NAMES[Model(m)]}/{cost.regime_name(regime)}"
                 if len(mine) < 8:
                     raise ValueError(f"step cost fit: {len(mine)} steps of {name}, need 8 or more")
                 x = np.array([ModelCost.features(t.rows, t.tokens, t.context) for t in mine])
                 ms = np.array([1e3 * t.seconds for t in mine])
                 coef = relative_nnls(x, ms)
-                models[m].append(ModelCost(*map(float, coef)))
+                cost.models[m].append(ModelCost(*map(float, coef)))
                 quality[name] = {"steps": len(mine), "median_rel_err": float(np.median(np.abs(x @ coef / ms - 1)))}
         steps: dict[int, list] = {}
         for t in timings:
             steps.setdefault(t.step, []).append(t)
         host = np.array([[1.0, sum(t.rows for t in ts)] for ts in steps.values()])
         residual = np.array([1e3 * (ts[0].step_seconds - sum(t.seconds for t in ts)) for ts in steps.values()])
-        host_fixed, host_per_row = map(float, nnls(host, np.maximum(residual, 0.0)))
-        return cls(models, shell.bounds, host_fixed, host_per_row, {**(meta or {}), "fit": quality})
+        cost.host_fixed, cost.host_per_row = map(float, nnls(host, np.maximum(residual, 0.0)))
+        return cost
 
     @classmethod
     def roofline(cls, shapes: dict[int, tuple], *, bandwidth: float, peak_flops: float, host_ms: float,
