@@ -20,14 +20,18 @@ SKINNY_MAX_ROWS = 16
 # Half-precision (bf16/fp16) products on a CPU where oneDNN has no support for that type (bf16: AVX2
 # without AVX-512) cost a weight pass per row in torch's GEMM; there, from HALF_CHUNKED_MIN_ROWS rows, they run in
 # float32 over slices of WEIGHT_CHUNK weight elements, each converted into one reused buffer while it is in
-# cache, as x @ slice^T below HALF_TRANSPOSED_MIN_ROWS rows and slice @ x^T from there (the faster
-# orientation of torch's float32 GEMM for each). Measured on the 2-core x86 VM, 2 threads, 2026-12-03, the
-# 1.5B's 8960 x 1536 MLP weight: torch's bf16 GEMM 2.1 / 3.8 / 7.2 / 14.2 / 28.3 ms at 1 / 2 / 4 / 8 / 16
-# rows; chunked 3.3 / 4.5 / 6.4 / 7.0 / 6.6 ms (the conversion is the fixed ~3 ms); the same break-even for
-# the 1536 x 8960, attention and 151936-row head shapes; slices of 256 x 1536 or 128 x 1536 elements were
-# 5-15% slower. Where oneDNN supports the type, torch's GEMM is kept.
+# cache, as x @ slice^T below HALF_TRANSPOSED_MIN_ROWS rows and slice @ x^T from there, with x's rows padded by
+# zeros to a multiple of HALF_TRANSPOSED_ROW_MULTIPLE (torch's float32 GEMM is much slower for other widths in
+# that orientation). Measured on the 2-core x86 VM, 2 threads, 2026-12-03, the 1.5B's 8960 x 1536 MLP weight:
+# torch's bf16 GEMM 2.1 / 3.8 / 7.2 / 14.2 / 28.3 ms at 1 / 2 / 4 / 8 / 16 rows; chunked 3.3 / 4.5 / 6.4 / 7.0 /
+# 6.6 ms (the conversion is the fixed ~3 ms); the same break-even for the 1536 x 8960, attention and
+# 151936-row head shapes; slices of 256 x 1536 or 128 x 1536 elements were 5-15% slower. The whole 1.5B's
+# decode step (bf16, same VM) at 9 / 10 / 11 / 15 / 31 rows: 895 / 900 / 900 / 1215 / 2160 ms unpadded, 778 /
+# 778 / 778 / 921 / 1205 padded, 8 rows 841 ms as x @ slice^T against ~917 padded to 16. Where oneDNN supports
+# the type, torch's GEMM is kept.
 HALF_CHUNKED_MIN_ROWS = 3
-HALF_TRANSPOSED_MIN_ROWS = 16
+HALF_TRANSPOSED_MIN_ROWS = 9
+HALF_TRANSPOSED_ROW_MULTIPLE = 8
 WEIGHT_CHUNK = 512 * 1536
 
 
@@ -71,20 +75,22 @@ def _chunked_half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     rows, chunk = x.shape[0], max(16, WEIGHT_CHUNK // in_features)
     # one buffer for every weight slice: a fresh float32 tensor per slice costs more than its product here
     buffer = torch.empty(min(chunk, out_features), in_features, dtype=torch.float32)
-    xf = x.float()
-    transposed = rows >= HALF_TRANSPOSED_MIN_ROWS
-    if transposed:
-        xf = xf.t().contiguous()
-    out = torch.empty((out_features, rows) if transposed else (rows, out_features), dtype=torch.float32)
+    if rows >= HALF_TRANSPOSED_MIN_ROWS:
+        width = -(-rows // HALF_TRANSPOSED_ROW_MULTIPLE) * HALF_TRANSPOSED_ROW_MULTIPLE
+        xf = torch.zeros(in_features, width, dtype=torch.float32)
+        xf[:, :rows] = x.t()
+        out = torch.empty(out_features, width, dtype=torch.float32)
+        product = lambda start, stop, piece: torch.mm(piece, xf, out=out[start:stop])  # noqa: E731
+    else:
+        xf = x.float()
+        out = torch.empty(rows, out_features, dtype=torch.float32)
+        product = lambda start, stop, piece: out[:, start:stop].copy_(torch.mm(xf, piece.t()))  # noqa: E731
     for start in range(0, out_features, chunk):
         stop = min(start + chunk, out_features)
         piece = buffer[:stop - start]
         piece.copy_(weight[start:stop])
-        if transposed:
-            torch.mm(piece, xf, out=out[start:stop])
-        else:
-            out[:, start:stop] = torch.mm(xf, piece.t())
-    y = out.t() if transposed else out
+        product(start, stop, piece)
+    y = out[:, :rows].t() if rows >= HALF_TRANSPOSED_MIN_ROWS else out
     return (y if bias is None else y + bias.float()).to(x.dtype).contiguous()
 
 

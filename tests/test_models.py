@@ -129,7 +129,7 @@ def test_cpu_linear_is_f_linear(monkeypatch):
     w_half = torch.randn(WEIGHT_CHUNK // 70 + 44, 70, generator=g)
     for dtype in (torch.bfloat16, torch.float16):
         for rows in (1, HALF_CHUNKED_MIN_ROWS - 1, HALF_CHUNKED_MIN_ROWS, HALF_TRANSPOSED_MIN_ROWS - 1,
-                     HALF_TRANSPOSED_MIN_ROWS, 40):
+                     HALF_TRANSPOSED_MIN_ROWS, 41):
             x = torch.randn(rows, 70, generator=g).to(dtype)
             for bias in (None, torch.randn(w_half.shape[0], generator=g).to(dtype)):  # per output: chunked too
                 got = cpu_linear(x, w_half.to(dtype), bias)
@@ -138,7 +138,7 @@ def test_cpu_linear_is_f_linear(monkeypatch):
                 torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
     # each row count took the chunked path iff it is HALF_CHUNKED_MIN_ROWS or more (2 dtypes x 2 biases)
     assert chunked_rows == [r for r in (1, HALF_CHUNKED_MIN_ROWS - 1, HALF_CHUNKED_MIN_ROWS, HALF_TRANSPOSED_MIN_ROWS - 1,
-                                        HALF_TRANSPOSED_MIN_ROWS, 40) if r >= HALF_CHUNKED_MIN_ROWS for _ in range(2)] * 2
+                                        HALF_TRANSPOSED_MIN_ROWS, 41) if r >= HALF_CHUNKED_MIN_ROWS for _ in range(2)] * 2
     x16 = torch.randn(HALF_CHUNKED_MIN_ROWS - 1, 70, generator=g).bfloat16()
     assert torch.equal(cpu_linear(x16, w.bfloat16()), F.linear(x16, w.bfloat16()))  # few half rows: F.linear
 
