@@ -179,6 +179,26 @@ def test_cli_eval_runs_end_to_end_on_a_tiny_pair(pair, tmp_path, capsys):
     assert len((out / "records.jsonl").read_text().splitlines()) == 12
 
 
+def test_cli_eval_resume_runs_only_the_missing_policies(pair, tmp_path, monkeypatch):
+    """--resume keeps a policy's records when --out holds them for the same problems and runs the others."""
+    runs = []
+    chat = Engine.chat
+    monkeypatch.setattr(Engine, "chat", lambda self, *a, policy, **kw: runs.append(policy.name) or
+                        chat(self, *a, policy=policy, **kw))
+    out = tmp_path / "eval"
+    common = ["eval", "--slm", str(pair[0]), "--llm", str(pair[1]), "--max-tokens", "6", "--out", str(out),
+              "--no-progress", "--level", "hard"]
+    main(common + ["--synthetic", "3", "--policies", "llm"])
+    first = (out / "records.jsonl").read_text().splitlines()
+    main(common + ["--synthetic", "3", "--policies", "llm,slm", "--resume"])
+    lines = (out / "records.jsonl").read_text().splitlines()
+    assert runs == ["llm", "slm"] and lines[:3] == first and len(lines) == 6
+    assert [json.loads(line)["policy"] for line in lines] == ["llm"] * 3 + ["slm"] * 3
+    assert {r["policy"] for r in json.loads((out / "summary.json").read_text())["rows"]} == {"llm", "slm"}
+    main(common + ["--synthetic", "2", "--policies", "llm", "--resume"])  # other problems: nothing to keep
+    assert runs == ["llm", "slm", "llm"] and len((out / "records.jsonl").read_text().splitlines()) == 2
+
+
 def test_cli_eval_compares_a_router_file_with_rstitch(pair, tmp_path, capsys):
     from rstitch_engine.router.model import Router
 

@@ -19,7 +19,7 @@ from rstitch_engine.evaluation import (PROMPT_SUFFIX, SUMMARY_COLUMNS, answers_e
                                        extract_answer, generate_problems, load_problems, markdown_table, pareto_plot,
                                        plotted_latency, render_html, render_terminal, run_eval, summarize_policies,
                                        synthetic_problems, token_pieces, write_results)
-from rstitch_engine.evaluation.synthetic import OPS, TEMPLATES
+from rstitch_engine.evaluation.synthetic import LEVELS, OPS
 from rstitch_engine.tiny import make_tokenizer
 
 
@@ -79,21 +79,26 @@ def test_build_messages_asks_for_a_boxed_answer():
 
 # --- synthetic problems ----------------------------------------------------------------------------------
 
-def test_synthetic_arithmetic_checks_out():
-    for problem in generate_problems(200, seed=3):
-        given = {int(n) for n in re.findall(r"\d+", problem.question)}
+@pytest.mark.parametrize("level, steps, largest", [("basic", (2, 4), 1000), ("hard", (4, 7), 100_000)])
+def test_synthetic_arithmetic_checks_out(level, steps, largest):
+    for problem in generate_problems(200, seed=3, level=level):
+        given = [int(n) for n in re.findall(r"\d+", problem.question)]
         results = set()
-        assert 2 <= len(problem.steps) <= 4
+        assert steps[0] <= len(problem.steps) <= steps[1]
         for step in problem.steps:
             for operand in (step.left, step.right):  # every operand is stated or worked out before
                 assert operand in given or operand in results, (problem.question, step)
             assert OPS[step.op](step.left, step.right) == step.result
             if step.op == "/":
                 assert step.left == step.result * step.right  # exact division
-            assert 0 <= step.result < 1000
+            assert 0 <= step.result < largest
             results.add(step.result)
         assert problem.answer == problem.steps[-1].result
         assert problem.as_dict() == {"question": problem.question, "answer": str(problem.answer)}
+        if level == "hard":  # a distractor: a stated number that no step uses
+            used = {operand for step in problem.steps for operand in (step.left, step.right)}
+            assert set(given) - used, problem.question
+            assert max(given) >= 10, problem.question  # two-digit numbers at least
 
 
 def test_synthetic_is_deterministic_and_ignores_global_rng():
@@ -113,10 +118,19 @@ def test_synthetic_is_deterministic_and_ignores_global_rng():
         synthetic_problems(-1, seed=0)
 
 
-def test_synthetic_uses_every_template():
-    problems = generate_problems(len(TEMPLATES), seed=0)
-    assert {p.template for p in problems} == set(TEMPLATES)
-    assert len({p.question for p in generate_problems(100, seed=0)}) > 90
+@pytest.mark.parametrize("level", LEVELS)
+def test_synthetic_uses_every_template(level):
+    templates = LEVELS[level]
+    problems = generate_problems(len(templates), seed=0, level=level)
+    assert {p.template for p in problems} == set(templates)
+    assert len({p.question for p in generate_problems(100, seed=0, level=level)}) > 90
+
+
+def test_synthetic_levels_differ_and_unknown_level_is_named():
+    assert synthetic_problems(8, seed=0, level="hard") != synthetic_problems(8, seed=0)
+    assert synthetic_problems(8, seed=0, level="basic") == synthetic_problems(8, seed=0)
+    with pytest.raises(ValueError, match="level must be one of basic, hard, got 'expert'"):
+        synthetic_problems(1, seed=0, level="expert")
 
 
 def test_load_problems(tmp_path):

@@ -4,6 +4,7 @@ import json
 import math
 import random
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -228,6 +229,21 @@ def test_engine_refuses_a_router_of_the_wrong_hidden_size(engine, tmp_path):
             engine.generate(PROMPTS[:1], GREEDY, policies.RStitchPlus(router=router, tau=TAU), use_tqdm=False)
 
 
+def test_engine_warns_when_the_router_was_trained_in_another_dtype(engine, tmp_path):
+    """A router records the SLM dtype it was trained on; running it on another dtype warns, naming both."""
+    other, same, unknown = (constant_router(32, True) for _ in range(3))
+    other.mark_trained_on(torch.bfloat16)
+    same.mark_trained_on(torch.float32)  # the engine fixture's dtype
+    assert Router.load(other.save(tmp_path / "r.safetensors")).trained_dtype == "bfloat16"
+    with pytest.warns(UserWarning, match="trained on the SLM in bfloat16; this engine runs it in float32"):
+        engine.generate(PROMPTS[:1], GREEDY, policies.RStitchPlus(router=tmp_path / "r.safetensors", tau=TAU),
+                        use_tqdm=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for router in (same, unknown):  # a file from before the field: nothing to compare
+            engine.generate(PROMPTS[:1], GREEDY, policies.RStitchPlus(router=router, tau=TAU), use_tqdm=False)
+
+
 # ---- R-Stitch+ in the engine ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -408,17 +424,18 @@ def _token_task():
 
 
 def test_warm_start_labels_are_where_the_llm_disagrees(close_pair):
-    """Every labelled position's label equals what the LLM itself generates after that prefix (an
+    """By token, every labelled position's label equals what the LLM itself generates after that prefix (an
     independent greedy generate call per position); with the SLM as its own LLM, nothing is labelled switch."""
     from rstitch_engine.router.warm_start import label_positions
 
     problems = [{"prompt": [5, 17, 200]}, {"prompt": list(range(40, 47))}]
     eng = Engine(slm=close_pair[0], llm=close_pair[1], device="cpu", block_size=4, kv_cache_gb=0.01)
-    labels = label_positions(eng, problems, [0, 1], task=_token_task(), tau=0.0, max_tokens=8)
+    labels = label_positions(eng, problems, [0, 1], task=_token_task(), tau=0.0, max_tokens=8, by="token")
     slm = eng.generate([p["prompt"] for p in problems], SamplingParams(max_tokens=8, temperature=0.0),
                        policies.SLMOnly(), use_tqdm=False)
     assert len(labels) == 16 and labels.summary()["problems"] == 2  # tau 0: every output position
     assert 0 < int(labels.switch.sum()) < len(labels), "the close pair agrees on some tokens, not all"
+    assert torch.equal(labels.switch, labels.differs)
     for i in range(len(labels)):
         out = slm[int(labels.problem[i])]
         ids, pos = out.prompt_token_ids + out.token_ids, int(labels.position[i])
@@ -427,6 +444,33 @@ def test_warm_start_labels_are_where_the_llm_disagrees(close_pair):
         assert bool(labels.switch[i]) == (llm_next != ids[pos]), i
     same = Engine(slm=close_pair[0], llm=close_pair[0], device="cpu", block_size=4, kv_cache_gb=0.01)
     assert not label_positions(same, problems, [0, 1], task=_token_task(), tau=0.0, max_tokens=8).switch.any()
+    with pytest.raises(ValueError, match="by must be one of outcome, token, got 'entropy'"):
+        label_positions(eng, problems, [0], task=_token_task(), tau=0.0, max_tokens=8, by="entropy")
+
+
+def test_warm_start_outcome_labels_switch_only_where_the_llm_rescues_the_answer(close_pair):
+    """By outcome, a differing token is labelled switch only on problems the SLM gets wrong and R-Stitch gets
+    right; the KV blocks of the extra R-Stitch run are returned."""
+    from rstitch_engine.router.warm_start import label_positions
+
+    problems = [{"prompt": [5, 17, 200]}, {"prompt": list(range(40, 47))}, {"prompt": [9, 300, 31, 8]}]
+    eng = Engine(slm=close_pair[0], llm=close_pair[1], device="cpu", block_size=4, kv_cache_gb=0.01)
+    free = eng.num_free_blocks
+    by_token = label_positions(eng, problems, [0, 1, 2], task=_token_task(), tau=0.0, max_tokens=8, by="token")
+    # the SLM's own trajectory uses no LLM token, R-Stitch at tau 0 does: "right" only with LLM help, except
+    # on problem 1, which counts as wrong either way
+    helped = Task(prompt=lambda p: p["prompt"],
+                  correct=lambda p, out: out.stats["llm_tokens"] > 0 and p["prompt"][0] != 40)
+    labels = label_positions(eng, problems, [0, 1, 2], task=helped, tau=0.0, max_tokens=8)
+    assert torch.equal(labels.differs, by_token.differs) and torch.equal(labels.position, by_token.position)
+    assert not labels.correct.any()
+    assert torch.equal(labels.rescued, labels.problem != 1)
+    assert torch.equal(labels.switch, labels.differs & (labels.problem != 1))
+    assert labels.switch.any() and (labels.differs & ~labels.switch).any()
+    assert labels.summary()["rescued_share"] == pytest.approx(float((labels.problem != 1).float().mean()))
+    everything_right = label_positions(eng, problems, [0, 1, 2], task=_token_task(), tau=0.0, max_tokens=8)
+    assert everything_right.correct.all() and not everything_right.switch.any()
+    assert eng.num_free_blocks == free
 
 
 def test_warm_start_fits_separable_labels_deterministically():
@@ -435,7 +479,8 @@ def test_warm_start_fits_separable_labels_deterministically():
     g = torch.Generator().manual_seed(0)
     hidden, features = torch.randn(200, 32, generator=g), torch.randn(200, 4, generator=g)
     switch = features[:, 1] > 0.3  # a rule the router can learn from its features
-    labels = Labels(hidden=hidden, features=features, switch=switch, correct=torch.rand(200, generator=g) > 0.5,
+    labels = Labels(hidden=hidden, features=features, switch=switch, differs=switch,
+                    correct=torch.rand(200, generator=g) > 0.5, rescued=switch,
                     problem=torch.zeros(200, dtype=torch.int64), position=torch.arange(200))
     routers = []
     for _ in range(2):
@@ -446,11 +491,12 @@ def test_warm_start_fits_separable_labels_deterministically():
     assert history[-1]["loss"] < history[0]["loss"] and history[-1]["accuracy"] > 0.95
     for a, b in zip(routers[0].state_dict().values(), routers[1].state_dict().values()):
         assert torch.equal(a, b)
-    one_class = Labels(hidden=hidden, features=features, switch=torch.ones(200, dtype=torch.bool),
-                       correct=labels.correct, problem=labels.problem, position=labels.position)
+    ones = torch.ones(200, dtype=torch.bool)
+    one_class = Labels(hidden=hidden, features=features, switch=ones, differs=ones, correct=labels.correct,
+                       rescued=ones, problem=labels.problem, position=labels.position)
     router = Router(32, width=16)
     warm_start(router, one_class, steps=5, seed=3)  # nothing to balance: finite weights, a router that switches
     assert all(p.isfinite().all() for p in router.parameters()) and (router(hidden, features) > 0).all()
     with pytest.raises(ValueError, match="no labelled positions"):
-        warm_start(Router(32), Labels(*(t[:0] for t in (hidden, features, switch, switch, labels.problem,
-                                                          labels.position))))
+        warm_start(Router(32), Labels(*(t[:0] for t in (hidden, features, switch, switch, switch, switch,
+                                                          labels.problem, labels.position))))

@@ -9,6 +9,7 @@ import queue
 import random
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -197,13 +198,18 @@ class Engine:
                                  "one router is used at a time")
             return  # the running requests' router serves these too
         # Installed afresh whenever no R-Stitch+ request runs: a Router object may have been trained since.
-        from .router import Router
+        from .router.model import Router, dtype_name
 
         p = plus[0]
         router = p.router if isinstance(p.router, Router) else Router.load(p.router)
         if router.hidden_size != self.configs[SLM].hidden_size:
             raise ValueError(f"the router reads hidden states of size {router.hidden_size}, the SLM's are "
                              f"{self.configs[SLM].hidden_size}")
+        if router.trained_dtype not in (None, dtype_name(self.dtype)):
+            # another dtype gives other hidden states, so decisions near the router's threshold can flip
+            warnings.warn(f"the R-Stitch+ router was trained on the SLM in {router.trained_dtype}; this engine runs "
+                          f"it in {dtype_name(self.dtype)}, so its decisions may differ from training's "
+                          f"(load the pair with dtype={router.trained_dtype!r} to match)", stacklevel=3)
         self.runtime.runners[SLM].set_router(router.to(self.device).on_device(p.temperature))
         self._router_key = key
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_args import (DEMO_PAIR, POLICY_GRAMMAR, HelpFormatter, chosen_policy, cut_note, engine_args, make_engine,
-                       policy_args, sampling_args, sampling_params)
+from .cli_args import (DEMO_PAIR, POLICY_GRAMMAR, HelpFormatter, chosen_policy, chosen_problems, cut_note, engine_args,
+                       make_engine, policy_args, problem_args, sampling_args, sampling_params)
 
 
 def stats_line(out) -> str:
@@ -104,17 +104,14 @@ def cmd_demo(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluation import SUMMARY_COLUMNS, load_problems, markdown_table, run_eval, synthetic_problems
+    from .evaluation import SUMMARY_COLUMNS, markdown_table, run_eval
     from .policies import parse_policies
 
-    if (args.problems is None) == (args.synthetic is None):
-        sys.exit("error: give --problems FILE or --synthetic N")
-    problems = load_problems(args.problems) if args.problems else synthetic_problems(args.synthetic, args.problem_seed)
+    problems, described = chosen_problems(args)
     policies = parse_policies(args.policies)
     args.slm, args.llm = args.slm or DEMO_PAIR["slm"], args.llm or DEMO_PAIR["llm"]
     engine = make_engine(args)
-    meta = {"slm": str(args.slm), "llm": str(args.llm), "problems": args.problems or f"synthetic:{args.synthetic}"
-            f":seed{args.problem_seed}", "max_tokens": args.max_tokens, "temperature": args.temperature,
+    meta = {"slm": str(args.slm), "llm": str(args.llm), "problems": described, "max_tokens": args.max_tokens, "temperature": args.temperature,
             "command": " ".join(sys.argv)}
     latency_model = None
     if args.latency_model:
@@ -124,7 +121,7 @@ def cmd_eval(args) -> None:
         meta["latency_model"] = args.latency_model
     result = run_eval(engine, problems, [(p.name, p) for p in policies], sampling_params(args), out_dir=args.out,
                       batch_size=args.batch_size, meta=meta, progress=not args.no_progress,
-                      latency_model=latency_model)
+                      latency_model=latency_model, resume=args.resume)
     print(markdown_table(result["summary"], SUMMARY_COLUMNS))
     print(f"\nwrote {args.out}/: records.jsonl, summary.json, summary.md, pareto.png, view-*.html")
 
@@ -325,15 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs each policy on chat-templated problems asking for a \\boxed{} answer; "
                                    "writes per-problem JSONL, a summary table, an accuracy-latency plot and "
                                    "coloured views of answers to --out. Models default to the demo pair.")
-    p.add_argument("--problems", help="JSONL of {\"question\", \"answer\"}")
-    p.add_argument("--synthetic", type=int, metavar="N", help="N built-in arithmetic word problems")
-    p.add_argument("--problem-seed", type=int, default=0, help="seed of the synthetic problems")
+    problem_args(p)
     p.add_argument("--policies", default="llm,slm,rstitch:0.02,rstitch:0.05,spec:4",
                    help=f"comma-separated policies to compare, each one of: {POLICY_GRAMMAR}")
     p.add_argument("--batch-size", type=int, help="problems per batch (default: all)")
     p.add_argument("--latency-model", help="calibration JSON (rstitch calibrate): adds each answer's estimated "
                                            "batch-1 latency, computed from its forward trace")
     p.add_argument("--out", default="eval-results", help="output folder")
+    p.add_argument("--resume", action="store_true", help="keep the policies --out already holds for these problems "
+                                                         "and run only the others")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     engine_args(p, demo_pair=True)
     sampling_args(p, max_tokens=256)

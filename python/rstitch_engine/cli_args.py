@@ -88,6 +88,30 @@ def policy_args(p: argparse.ArgumentParser) -> None:
                                     f"the one loaded): {POLICY_GRAMMAR}")
 
 
+def problem_args(p: argparse.ArgumentParser, synthetic: int | None = None) -> None:
+    """--problems FILE or --synthetic N (required unless `synthetic` gives N a default), their seed and level."""
+    from .evaluation.synthetic import LEVELS
+
+    source = p.add_mutually_exclusive_group(required=synthetic is None)
+    source.add_argument("--problems", help="JSONL of {\"question\", \"answer\"}")
+    source.add_argument("--synthetic", type=int, default=synthetic, metavar="N",
+                        help="N built-in arithmetic word problems")
+    p.add_argument("--problem-seed", type=int, default=0, help="seed of the synthetic problems")
+    p.add_argument("--level", choices=list(LEVELS), default="basic",
+                   help="difficulty of the synthetic problems: basic (2-4 steps, small numbers) or hard (4-7 "
+                        "steps, larger numbers, a distractor; the demo pair's LLM is far ahead of its SLM there)")
+
+
+def chosen_problems(args) -> tuple[list[dict], str]:
+    """The problems the problem_args options name, and a description for result files."""
+    from .evaluation import load_problems, synthetic_problems
+
+    if args.problems:
+        return load_problems(args.problems), args.problems
+    return (synthetic_problems(args.synthetic, args.problem_seed, args.level),
+            f"synthetic:{args.synthetic}:seed{args.problem_seed}:{args.level}")
+
+
 def choose_threads(cores: int, load: float | None, requested: int | None) -> tuple[int, str | None]:
     """Torch's CPU thread count and a warning, or None: `requested` when given; else the `cores` this process
     may use, less those the 1-minute `load` average (None: unknown) shows busy, at least 1. The warning says

@@ -63,9 +63,21 @@ def _write_view(path: Path, tokenizer, policy: str, record: dict, out) -> Path:
     return path
 
 
+def _finished_records(path: Path, problems: list[dict], names: list[str]) -> dict[str, list[dict]]:
+    """The records of `path` (an earlier run's records.jsonl) for each policy of `names` that it holds for
+    exactly `problems`, in order."""
+    by_policy: dict[str, list[dict]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        by_policy.setdefault(record["policy"], []).append(record)
+    questions = [p["question"] for p in problems]
+    return {name: records for name, records in by_policy.items()
+            if name in names and [r["question"] for r in records] == questions}
+
+
 def run_eval(engine, problems: list[dict], policies: list[tuple[str, object]], params, *, out_dir,
              batch_size: int | None = None, meta: dict | None = None, progress: bool = True,
-             latency_model=None) -> dict:
+             latency_model=None, resume: bool = False) -> dict:
     """Runs `problems` ({"question", "answer"}) under each `(name, policy_object)` with sampling `params`,
     `batch_size` problems per `engine.chat` call (default: all at once). Writes the files listed in the module
     docstring; `meta` (models, params, ...) is added to the summary's metadata. Each record keeps the answer's
@@ -82,10 +94,18 @@ def run_eval(engine, problems: list[dict], policies: list[tuple[str, object]], p
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"records": out_dir / "records.jsonl", "views": []}
+    finished = {}
+    if resume and files["records"].is_file():
+        finished = _finished_records(files["records"], problems, [name for name, _ in policies])
     records = []
     bar = tqdm(total=len(policies) * len(problems), unit="problem", disable=not progress)
     with bar, files["records"].open("w", encoding="utf-8") as records_file:
         for name, policy in policies:
+            if name in finished:
+                records += finished[name]
+                records_file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in finished[name])
+                bar.update(len(problems))
+                continue
             bar.set_description(name)
             for start in range(0, len(problems), batch_size):
                 batch = problems[start:start + batch_size]

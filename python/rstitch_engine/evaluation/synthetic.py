@@ -1,8 +1,11 @@
 """Problems to evaluate on: a built-in generator of multi-step arithmetic word problems, and a JSONL loader.
 
 Every generated problem records the arithmetic it was built from (`SyntheticProblem.steps`), so the answer
-can be checked independently of the wording. All quantities are small non-negative integers and every
-division is exact, so a 0.5B-1.5B model can solve them without fractions.
+can be checked independently of the wording. All quantities are non-negative integers and every division is
+exact, so a 0.5B-1.5B model can solve them without fractions. Two levels: "basic" (2-4 steps, small numbers;
+the demo pair's 0.5B and 1.5B score alike) and "hard" (4-7 steps, two- and three-digit numbers, one
+sentence with a number the answer does not use), where the 1.5B is far ahead of the 0.5B
+(docs/benchmarks.md, R-Stitch+), the regime the router must learn.
 """
 from __future__ import annotations
 
@@ -138,31 +141,149 @@ def _savings_weeks(rng: random.Random, work: _Work) -> str:
             f"How many weeks does it take {name} to save ${goal}?")
 
 
-TEMPLATES = {f.__name__.lstrip("_"): f for f in (
+# "hard": more steps, larger numbers, and a distractor: a sentence whose number the answer does not use.
+
+def _distractor(rng: random.Random, work: _Work, sentences: tuple[str, ...], low: int, high: int, **names: str) -> str:
+    """One of `sentences` with a number in [low, high] that none of `work`'s steps uses."""
+    used = {operand for step in work.steps for operand in (step.left, step.right)}
+    number = rng.choice([n for n in range(low, high + 1) if n not in used])
+    return rng.choice(sentences).format(number, **names)
+
+
+def _hard_shopping(rng: random.Random, work: _Work) -> str:
+    name = rng.choice(NAMES)
+    (item1, item2) = rng.sample(["jackets", "lamps", "chairs", "backpacks", "helmets", "kettles"], 2)
+    n1, p1, n2, p2 = rng.randint(3, 9), rng.randint(12, 48), rng.randint(2, 7), rng.randint(7, 29)
+    total = work("+", work("*", n1, p1), work("*", n2, p2))
+    discount = rng.randint(5, min(40, total - 1))
+    paid = work("-", total, discount)
+    bill = next(b for b in (100, 200, 500, 1000) if b > paid)
+    work("-", bill, paid)
+    other = _distractor(rng, work, ("The shop has {} customers that day.", "The shop opened {} years ago."), 11, 95)
+    return (f"{name} buys {n1} {item1} at ${p1} each and {n2} {item2} at ${p2} each. {other} The cashier takes "
+            f"${discount} off the total. {name} pays with a ${bill} bill. How many dollars of change does {name} "
+            f"get?")
+
+
+def _hard_warehouse(rng: random.Random, work: _Work) -> str:
+    stock, loads, per_load = rng.randint(120, 480), rng.randint(3, 8), rng.randint(25, 60)
+    days = rng.randint(2, 5)
+    after = work("+", stock, work("*", loads, per_load))
+    per_day = rng.randint(20, after // days)
+    work("-", after, work("*", per_day, days))
+    other = _distractor(rng, work, ("Each box weighs {} kg.", "The warehouse has {} workers."), 12, 85)
+    return (f"A warehouse holds {stock} boxes. Trucks deliver {loads} loads of {per_load} boxes each. {other} "
+            f"Then {per_day} boxes are shipped out every day for {days} days. How many boxes are left in the "
+            f"warehouse?")
+
+
+def _hard_painters(rng: random.Random, work: _Work) -> str:
+    workers, per_day, days, pay = rng.randint(3, 9), rng.randint(12, 35), rng.randint(4, 9), rng.randint(3, 8)
+    fences = work("*", work("*", workers, per_day), days)
+    earned = work("*", fences, pay)
+    supplies = rng.randint(50, earned // 2)
+    work("-", earned, supplies)
+    other = _distractor(rng, work, ("The team's van is {} years old.", "The town has {} streets."), 6, 90)
+    return (f"A team of {workers} workers paints fences. Each worker paints {per_day} fences a day, for {days} "
+            f"days. {other} The team is paid ${pay} per fence and spends ${supplies} on paint. How many dollars "
+            f"does the team keep?")
+
+
+def _packed_sale(rng: random.Random, work: _Work, factors: tuple[int, int, int], largest_pack: int,
+                 prices: tuple[int, int]) -> tuple[int, int]:
+    """The price of the product of `factors` things in packs of an exact size from 4 to `largest_pack` (the
+    first factor must lie there, so one always divides); returns (pack size, price per pack)."""
+    things = work("*", work("*", factors[0], factors[1]), factors[2])
+    per_pack = rng.choice([d for d in range(4, largest_pack + 1) if things % d == 0])
+    price = rng.randint(*prices)
+    work("*", work("/", things, per_pack), price)
+    return per_pack, price
+
+
+def _hard_school(rng: random.Random, work: _Work) -> str:
+    classes, students, each = rng.randint(4, 9), rng.randint(21, 35), rng.randint(3, 6)
+    per_pack, price = _packed_sale(rng, work, (classes, students, each), 12, (2, 9))
+    other = _distractor(rng, work, ("The school was built {} years ago.", "The school has {} teachers."), 14, 80)
+    return (f"A school has {classes} classes of {students} students. {other} Every student needs {each} "
+            f"notebooks. Notebooks come in packs of {per_pack}, and each pack costs ${price}. How many dollars "
+            f"does the school spend on notebooks?")
+
+
+def _hard_trip(rng: random.Random, work: _Work) -> str:
+    v1, t1, v2, t2 = rng.randint(45, 95), rng.randint(3, 7), rng.randint(30, 80), rng.randint(2, 5)
+    travelled = work("+", work("*", v1, t1), work("*", v2, t2))
+    trip = travelled + rng.randint(30, 400)
+    work("-", trip, travelled)
+    other = _distractor(rng, work, ("The train has {} carriages.", "The train carries {} passengers."), 8, 300)
+    return (f"A train's whole journey is {trip} km. It travels at {v1} km per hour for {t1} hours, then at {v2} km "
+            f"per hour for {t2} hours. {other} How many kilometres of the journey are left?")
+
+
+def _hard_savings(rng: random.Random, work: _Work) -> str:
+    name, sibling = rng.sample(NAMES, 2)
+    start, earn, weeks = rng.randint(50, 400), rng.randint(35, 90), rng.randint(4, 12)
+    spend = rng.randint(10, earn - 10)
+    saved = work("+", start, work("*", work("-", earn, spend), weeks))
+    gift = rng.randint(20, saved - 1)
+    work("-", saved, gift)
+    other = _distractor(rng, work, ("{sibling} saves ${} a week.", "{sibling} has ${} in the bank."), 5, 60,
+                        sibling=sibling)
+    return (f"{name} has ${start} saved. For {weeks} weeks, {name} earns ${earn} a week and spends ${spend} of it, "
+            f"saving the rest. {other} Then {name} buys a gift for ${gift}. How many "
+            f"dollars does {name} have now?")
+
+
+def _hard_bakery(rng: random.Random, work: _Work) -> str:
+    trays, per_tray, days = rng.randint(6, 14), rng.randint(12, 30), rng.randint(3, 6)
+    per_box, price = _packed_sale(rng, work, (trays, per_tray, days), 15, (3, 12))
+    other = _distractor(rng, work, ("The bakery has {} ovens.", "The baker gets up at {} minutes past four."), 3, 45)
+    return (f"A bakery bakes {trays} trays of {per_tray} muffins every day for {days} days. {other} It packs all "
+            f"the muffins into boxes of {per_box} and sells each box for ${price}. How many dollars does it earn?")
+
+
+def _hard_ages(rng: random.Random, work: _Work) -> str:
+    a, b, c = rng.sample(NAMES, 3)
+    times, young, gap, years = rng.randint(2, 5), rng.randint(8, 19), rng.randint(1, 9), rng.randint(5, 25)
+    old = work("*", times, young)
+    middle = work("-", old, gap)
+    later = [work("+", age, years) for age in (old, middle, young)]
+    work("+", work("+", later[0], later[1]), later[2])
+    other = _distractor(rng, work, ("{a}'s dog is {} years old.", "{a} lives at house number {}."), 2, 99, a=a)
+    return (f"{a} is {times} times as old as {b}, who is {young} years old. {c} is {gap} years younger than {a}. "
+            f"{other} In {years} years, what will be the sum of the three ages?")
+
+
+LEVELS = {"basic": {f.__name__.lstrip("_"): f for f in (
     _shopping_change, _market_boxes, _sharing_equally, _reading_rate, _machine_rate, _travel_distance, _ages,
-    _savings_weeks)}
+    _savings_weeks)}, "hard": {f.__name__.lstrip("_"): f for f in (
+        _hard_shopping, _hard_warehouse, _hard_painters, _hard_school, _hard_trip, _hard_savings, _hard_bakery,
+        _hard_ages)}}
 
 
-def generate_problems(n: int, seed: int) -> list[SyntheticProblem]:
-    """`n` problems with their step structure; the same (n, seed) always gives the same problems."""
+def generate_problems(n: int, seed: int, level: str = "basic") -> list[SyntheticProblem]:
+    """`n` problems of `level` ("basic" or "hard") with their step structure; the same (n, seed, level) always
+    gives the same problems."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    templates = LEVELS[level]
     rng = random.Random(seed)  # a private generator: independent of, and harmless to, the global RNG
-    names = list(TEMPLATES)
+    names = list(templates)
     problems = []
     for i in range(n):
         if i % len(names) == 0:  # every template once per round, so even small n varies in wording
             rng.shuffle(names)
         work = _Work()
-        question = TEMPLATES[names[i % len(names)]](rng, work)
+        question = templates[names[i % len(names)]](rng, work)
         problems.append(SyntheticProblem(question, work.steps[-1].result, names[i % len(names)],
                                          tuple(work.steps)))
     return problems
 
 
-def synthetic_problems(n: int, seed: int) -> list[dict]:
+def synthetic_problems(n: int, seed: int, level: str = "basic") -> list[dict]:
     """`n` word problems as `{"question": str, "answer": str(int)}`."""
-    return [p.as_dict() for p in generate_problems(n, seed)]
+    return [p.as_dict() for p in generate_problems(n, seed, level)]
 
 
 def load_problems(path: str | Path) -> list[dict]:

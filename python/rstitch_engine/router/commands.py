@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli_args import engine_args, make_engine
+from ..cli_args import chosen_problems, engine_args, make_engine, problem_args
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -82,7 +82,7 @@ def _calibrate_parser(sub) -> None:
 def cmd_train_router(args) -> None:
     import torch
 
-    from ..evaluation import load_problems, synthetic_problems
+    from ..evaluation import synthetic_problems
     from ..evaluation.report import markdown_table, write_results
     from ..policies import RStitch, RStitchPlus
     from .dapo import train_router
@@ -90,9 +90,7 @@ def cmd_train_router(args) -> None:
     from .model import Router
     from .rollouts import evaluate, word_problems
 
-    if (args.problems is None) == (args.synthetic is None):
-        sys.exit("error: give --problems FILE or --synthetic N")
-    problems = load_problems(args.problems) if args.problems else synthetic_problems(args.synthetic, args.problem_seed)
+    problems, _ = chosen_problems(args)
     latency = LatencyModel.load(args.latency)
     engine = make_engine(args, slm=args.slm or "demo:slm", llm=args.llm or "demo:llm",
                          max_num_seqs=args.prompts_per_batch * args.rollouts)
@@ -110,11 +108,13 @@ def cmd_train_router(args) -> None:
             from .warm_start import label_positions, warm_start
 
             labels = label_positions(engine, problems, list(range(min(args.warm_start, len(problems)))),
-                                     task=word_problems(engine), tau=args.tau, max_tokens=args.max_tokens)
+                                     task=word_problems(engine), tau=args.tau, max_tokens=args.max_tokens,
+                                     by=args.warm_start_labels)
             curve = warm_start(initial, labels, steps=args.warm_start_steps, lr=args.warm_start_lr, seed=args.seed)
             (out / "warm_start.json").write_text(json.dumps({"labels": labels.summary(), "curve": curve}))
-            note = f"warm start on {args.warm_start} problems: {labels.summary()}"
+            note = f"warm start on {args.warm_start} problems, labels by {args.warm_start_labels}: {labels.summary()}"
             print(f"warm start: {labels.summary()}, accuracy {curve[-1]['accuracy']:.3f}")
+        initial.mark_trained_on(engine.dtype)
         initial.save(initial_path, meta={"tau": args.tau, "note": note})
     router, history = train_router(
         engine, problems, tau=args.tau, tau_down=args.tau_down, steps=args.steps, latency_model=latency,
@@ -128,7 +128,7 @@ def cmd_train_router(args) -> None:
     print(f"wrote {out}/: router.safetensors, log.jsonl, curves.png, checkpoints/")
     if not args.eval:
         return
-    held_out = synthetic_problems(args.eval, args.eval_seed)
+    held_out = synthetic_problems(args.eval, args.eval_seed, args.level)
     rstitch = f"rstitch:{args.tau:g}"
     # A fresh router is constant (zero output layer); one that switches is R-Stitch exactly at temperature 0
     # (tests/test_router.py), so its row would repeat R-Stitch's: it is named there instead of run twice.
@@ -143,7 +143,7 @@ def cmd_train_router(args) -> None:
                     latency_model=latency, lam=args.lam, batch_size=args.eval_batch_size,
                     progress=not args.no_progress)
     meta = {"slm": str(engine.paths[0]), "llm": str(engine.paths[1]), "latency_model": str(args.latency),
-            "latency_device": latency.meta.get("device"), "eval": f"synthetic:{args.eval}:seed{args.eval_seed}",
+            "latency_device": latency.meta.get("device"), "eval": f"synthetic:{args.eval}:seed{args.eval_seed}:{args.level}",
             "eval_batch_size": args.eval_batch_size, "training": router.meta.get("training"),
             "final_step": history[-1] if history else None}
     write_results(out, "eval", rows, meta)
@@ -152,6 +152,8 @@ def cmd_train_router(args) -> None:
 
 
 def _train_router_parser(sub) -> None:
+    from .warm_start import LABELS_BY
+
     p = sub.add_parser("train-router", help="train the R-Stitch+ router with DAPO (both LMs frozen)",
                        description="DAPO: per step, --prompts-per-batch problems with --rollouts rollouts each, the "
                                    "router sampling its decisions; reward correct * (1 - lam * estimated latency "
@@ -177,12 +179,14 @@ def _train_router_parser(sub) -> None:
     p.add_argument("--warm-start", type=int, default=0, metavar="N",
                    help="before DAPO, fit the router to labels from the first N training problems: where the "
                         "SLM's entropy exceeds tau, would the LLM have chosen another token (router/warm_start.py)")
+    p.add_argument("--warm-start-labels", choices=LABELS_BY, default=LABELS_BY[0],
+                   help="label 'switch' where the LLM's token differs and R-Stitch rescues a problem the SLM gets "
+                        "wrong (outcome), or wherever the LLM's token differs (token)")
     p.add_argument("--warm-start-steps", type=int, default=300, help="full-batch steps of the warm start")
     p.add_argument("--warm-start-lr", type=float, default=1e-2, help="learning rate of the warm start")
-    p.add_argument("--problems", help="JSONL of {\"question\", \"answer\"}")
-    p.add_argument("--synthetic", type=int, metavar="N", help="N built-in arithmetic word problems")
-    p.add_argument("--problem-seed", type=int, default=0, help="seed of the synthetic problems")
-    p.add_argument("--eval", type=int, metavar="N", help="afterwards, evaluate on N held-out synthetic problems")
+    problem_args(p)
+    p.add_argument("--eval", type=int, metavar="N", help="afterwards, evaluate on N held-out synthetic problems "
+                                                          "(of --level)")
     p.add_argument("--eval-seed", type=int, default=1000, help="seed of the held-out problems")
     p.add_argument("--eval-batch-size", type=int, default=1, help="1: measured latency per sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the router's initial weights and of training")

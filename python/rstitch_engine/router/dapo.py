@@ -236,7 +236,8 @@ def train_router(engine, problems: list[dict], *, tau: float, steps: int, latenc
                  resume: bool = False, seed: int = 0, progress: bool = True, log_path=None,
                  plot_path=None) -> tuple[Router, list[dict]]:
     """Trains an R-Stitch+ router on `engine` (both models loaded) and returns (router, history), one history
-    entry per step: reward, accuracy, LLM share, estimated latency (ms) over every rollout of the step, the
+    entry per step: reward and its parts (accuracy, latency_term = what the latency takes off), LLM share,
+    estimated latency (ms) over every rollout of the step, the
     groups kept / drawn, the number of decisions trained on, loss and clip share. `task` defaults to word
     problems ({"question", "answer"}). `router` continues training a given router; otherwise one is made
     (width, init_switch_prob; seeded). With `checkpoint_dir`, a checkpoint every `checkpoint_every` steps and
@@ -262,6 +263,8 @@ def train_router(engine, problems: list[dict], *, tau: float, steps: int, latenc
             record = {"step": run.step + 1, **summarize_rollouts(everything), "groups_kept": kept,
                       "groups_drawn": drawn,
                       "trained_decisions": 0 if batch is None else int(batch.switch.numel())}
+            # the reward's two parts: reward = accuracy - latency_term (the mean of correct * lam * L_hat)
+            record["latency_term"] = record["accuracy"] - record["reward"]
             if batch is not None:
                 record["switch_share"] = float(batch.switch.float().mean())
                 record.update(dapo_update(run.router, run.optimizer, batch, cfg))
@@ -279,6 +282,7 @@ def train_router(engine, problems: list[dict], *, tau: float, steps: int, latenc
         bar.close()
         if log is not None:
             log.close()
+    run.router.mark_trained_on(engine.dtype)
     run.router.meta.update(tau=tau, tau_down=tau_down if tau_down is not None else tau,
                            slm=str(engine.paths[SLM]), llm=str(engine.paths[1]),
                            training={**asdict(cfg), "steps": run.step, "algorithm": "DAPO"})

@@ -10,7 +10,8 @@ probe. The output layer starts at zero with bias logit(init_switch_prob): a fres
 policy, by default "switch" (exactly R-Stitch at temperature 0), which training then refines.
 
 Files: safetensors, with a JSON header in the metadata under "rstitch_router" (format, hidden size, width,
-feature spec, and whatever the trainer adds: tau, the pair, training settings).
+feature spec, and whatever the trainer adds: tau, the pair, training settings, and the dtype of the SLM whose
+hidden states it learnt from, `slm_dtype`: the engine warns when it runs the router on another).
 """
 from __future__ import annotations
 
@@ -29,8 +30,13 @@ FEATURES = ("position / 4096", "output index / max_tokens", "LLM share of the ou
             "min(1, output tokens since the last LLM token / 64)")
 NUM_FEATURES = len(FEATURES)
 HEADER_KEY = "rstitch_router"
+TRAINED_DTYPE_KEY = "slm_dtype"
 FORMAT = 1
 assert NUM_FEATURES == _C.ROUTER_FEATURES, "the router's feature spec must match the scheduler's"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class Router(nn.Module):
@@ -76,6 +82,14 @@ class Router(nn.Module):
             yield self.recorder
         finally:
             self.recorder = None
+
+    @property
+    def trained_dtype(self) -> str | None:
+        """The SLM dtype the router was trained on ("bfloat16", "float32", ...), None if the file predates it."""
+        return self.meta.get(TRAINED_DTYPE_KEY)
+
+    def mark_trained_on(self, dtype: torch.dtype) -> None:
+        self.meta[TRAINED_DTYPE_KEY] = dtype_name(dtype)
 
     # ---- files -----------------------------------------------------------------------------------------
     def header(self, meta: dict | None = None) -> dict:

@@ -198,6 +198,8 @@ def offline_tok_s(engine, questions: list[str], policy: str, *, max_tokens: int,
 
 
 def add_arguments(p) -> None:
+    from ..cli_args import problem_args
+
     p.add_argument("--base-url", help="a running server, http://127.0.0.1:PORT (loopback only); without it, a "
                                       "server on --slm/--llm is started in this process")
     p.add_argument("--policies", default="llm,rstitch:0.05",
@@ -206,9 +208,7 @@ def add_arguments(p) -> None:
     p.add_argument("--concurrency", default="1", help="comma-separated concurrency levels, one pass each")
     p.add_argument("--request-rate", type=float, help="Poisson arrivals at this many requests per second "
                                                       "(default: all at once, bounded by --concurrency)")
-    p.add_argument("--problems", help="JSONL of {\"question\"} (default: --synthetic)")
-    p.add_argument("--synthetic", type=int, default=16, metavar="N", help="N built-in word problems")
-    p.add_argument("--problem-seed", type=int, default=0, help="seed of the synthetic problems")
+    problem_args(p, synthetic=16)
     p.add_argument("--max-tokens", type=int, default=128, help="most new tokens per request")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     p.add_argument("--seed", type=int, help="request i samples with seed + i (default: unseeded)")
@@ -222,8 +222,8 @@ def add_arguments(p) -> None:
 
 
 def run_from_args(args) -> list[dict]:
-    from ..cli_args import make_engine
-    from ..evaluation import load_problems, markdown_table, synthetic_problems, write_results
+    from ..cli_args import chosen_problems, make_engine
+    from ..evaluation import markdown_table, write_results
     from ..policies import parse_policies
 
     policies = [p.strip() for p in args.policies.split(",")]
@@ -232,7 +232,7 @@ def run_from_args(args) -> list[dict]:
     if any(c < 1 for c in levels):
         raise ValueError(f"--concurrency {args.concurrency!r}: levels must be >= 1")
     goodput = parse_goodput(args.goodput)
-    problems = load_problems(args.problems) if args.problems else synthetic_problems(args.synthetic, args.problem_seed)
+    problems, _ = chosen_problems(args)
     questions = [p["question"] for p in problems]
     passes = [(["mix:" + "+".join(policies)], policies)] if args.mix else [([p], [p]) for p in policies]
     engine = server = None
