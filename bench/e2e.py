@@ -142,7 +142,7 @@ def main() -> None:
     sections["batch1"] = [with_roofline(r, engine, bandwidth) for r in rows]
 
     # Cost model from this run's own forward times: the forced row's traces, priced by the calibration.
-    chunk = engine.runtime.scheduler_config.max_step_tokens
+    chunk = engine.core.scheduler_config.max_step_tokens
     # extends over N_kv = 0 and one chunk (where the context holds it): the cached-token terms of the fit
     kv_chunks = (0, 1) if chunk + 96 < engine.max_model_len else (0,)
     lat = calibrate(engine, Grid(new_tokens=(2, 8, 32, 96), kv_chunks=kv_chunks, decode_kv=(128, 256, 384),

@@ -119,7 +119,9 @@ def measure(source: str, model_name: str, dtype: str, context: int, spans: list[
     """(rows of COLUMNS for one model, copy bandwidth in bytes/s)."""
     engine = Engine(llm=source, device="cpu", dtype=dtype, kv_cache_gb=0.5, max_model_len=context + 64,
                     max_num_batched_tokens=context)
-    runner = engine.runtime.runners[1]
+    # engine_ms goes through the executor (profile: the engine's step timings); the bare-forward and matmul
+    # columns time this in-process worker's own weights outside the engine
+    runner = engine.core.executor.worker.runners[1]
     path, cfg, vocab = engine.paths[1], runner.cfg, engine.vocab_limit
     grid = Grid(new_tokens=tuple(s for s in spans if s > 1), kv_chunks=(1,), decode_kv=(context,),
                 batch_sizes=(1,), warmup=1, repeats=repeats)

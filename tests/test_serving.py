@@ -286,7 +286,7 @@ def test_nan_fails_alone_max_waiting_and_a_dead_step_loop(nan_pair):
         def broken_step():
             raise RuntimeError("device lost")
 
-        eng.loop.step = broken_step
+        eng.core.step = broken_step
         r = httpx.post(s.url + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 4}, timeout=60)
         assert r.status_code == 503 and "device lost" in r.json()["error"]["message"]
         health = httpx.get(s.url + "/health")

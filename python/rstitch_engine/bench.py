@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 
 from .policies import Forced, LLMOnly, Policy
-from .router.calibrate import timed_forwards
 from .switching import switching_stats
 from .sampling_params import SamplingParams
 
@@ -54,14 +52,12 @@ def time_policy(engine, prompts: list[list[int]], params: SamplingParams, policy
 
     _sync(engine)
     start = time.perf_counter()
-    # Per-forward wall times need no device sync on the CPU; on CUDA they would serialise the loop.
-    timing = timed_forwards(engine) if engine.device.type == "cpu" else nullcontext(None)
-    with timing as forwards:
+    with engine.step_timings() as steps:  # each model's time per step, measured by the loop anyway: no sync
         outs = engine.generate(prompts, params, _per_request(policy, len(prompts)), use_tqdm=False,
                                on_tokens=stamp)
     _sync(engine)
     wall = time.perf_counter() - start
-    switching = switching_stats(outs, forwards)
+    switching = switching_stats(outs, steps)
     tokens = sum(len(o.token_ids) for o in outs)
     latencies = [o.stats["latency_s"] for o in outs]
     total = lambda key: sum(o.stats[key] for o in outs)  # noqa: E731

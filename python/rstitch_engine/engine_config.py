@@ -1,8 +1,8 @@
 """`EngineConfig`: every option of an `Engine`, its default, its validation, and its resolution against the
 device (defaults that depend on CUDA being there) and the models (the context length, the KV pool size).
 
-The runtime (`rstitch_engine.engine.runtime`) is built from a resolved config only; `Engine(**options)` and
-`Engine(config=EngineConfig(...))` are the same thing.
+The engine core (`rstitch_engine.engine.core`) and its workers are built from a resolved config only;
+`Engine(**options)` and `Engine(config=EngineConfig(...))` are the same thing.
 """
 from __future__ import annotations
 
