@@ -62,6 +62,28 @@ def test_bench_serve_in_process_with_offline_comparison(pair, tmp_path):
     assert "| policy |" in (out / "bench_serve.md").read_text()
 
 
+def test_bench_serve_sends_the_api_key(pair):
+    """run_pass with the server's key completes every request; without it every request fails with 401."""
+    import asyncio
+
+    from rstitch_engine import Engine, policies
+    from rstitch_engine.serving.app import ServerConfig
+    from rstitch_engine.serving.bench_serve import run_pass
+    from rstitch_engine.serving.server import ServerThread
+
+    engine = Engine(llm=pair[1], device="cpu", kv_cache_gb=0.01)
+    bodies = request_bodies(["What is 2 + 3?", "Name a colour."], ["llm"], model=None, max_tokens=3,
+                            temperature=0.0, seed=None)
+    with ServerThread(engine, ServerConfig("m", policies.LLMOnly(), api_key="k-123")) as server:
+        def run(key):
+            return asyncio.run(run_pass(server.url, bodies, concurrency=2, request_rate=None, seed=0, timeout_s=60,
+                                        api_key=key))[0]
+
+        assert all(r.ok for r in run("k-123"))
+        refused = run(None)
+        assert not any(r.ok for r in refused) and all(r.error.startswith("HTTP 401") for r in refused)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -310,3 +310,46 @@ def test_rstitch_plus_uses_the_router_the_server_loaded(engine, tmp_path):
         other = httpx.post(s.url + "/v1/completions", json={**body, "rstitch": {"policy": "rstitch+",
                                                                               "router": "elsewhere.safetensors"}})
         assert other.status_code == 400 and "not loaded" in other.json()["error"]["message"]
+
+
+def test_api_key_guards_v1_and_leaves_health_and_metrics_open(engine, monkeypatch):
+    """--api-key: /v1/* needs 'Authorization: Bearer KEY' (401 in OpenAI's error shape without it or with
+    another key); /health and /metrics stay open; the OpenAI client with the key works."""
+    from rstitch_engine.serving.server import is_loopback
+
+    key = "sk-test-7f3a"
+    with ServerThread(engine, ServerConfig(MODEL, policies.LLMOnly(), api_key=key)) as s:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key},
+                        {"Authorization": f"Bearer {key}x"}):
+            for method, path, kw in (("POST", "/v1/completions", {"json": body}), ("GET", "/v1/models", {})):
+                r = httpx.request(method, s.url + path, headers=headers, **kw)
+                assert r.status_code == 401, (headers, path)
+                assert r.json()["error"]["type"] == "AuthenticationError" and "API key" in r.json()["error"]["message"]
+        assert httpx.get(s.url + "/health").status_code == 200
+        assert httpx.get(s.url + "/metrics").status_code == 200
+        r = httpx.post(s.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        authed = openai.OpenAI(base_url=s.url + "/v1", api_key=key)
+        assert authed.models.list().data[0].id == MODEL
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="nope").models.list()
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")
+
+
+def test_serve_warns_without_a_key_off_the_loopback_and_reads_the_key_from_the_environment(pair, monkeypatch,
+                                                                                           capsys):
+    """`rstitch serve` on a non-loopback host without a key warns; RSTITCH_API_KEY gives the key."""
+    from rstitch_engine import cli
+
+    served = []
+    monkeypatch.setattr("rstitch_engine.serving.server.serve", lambda engine, config, **kw: served.append((config, kw)))
+    args = ["serve", "--slm", str(pair[0]), "--llm", str(pair[1]), "--kv-cache-gb", "0.01"]
+    cli.main(args + ["--host", "0.0.0.0"])
+    assert "without an API key" in capsys.readouterr().err and served[-1][0].api_key is None
+    monkeypatch.setenv("RSTITCH_API_KEY", "from-env")
+    cli.main(args + ["--host", "0.0.0.0"])
+    assert "without an API key" not in capsys.readouterr().err and served[-1][0].api_key == "from-env"
+    cli.main(args + ["--api-key", "given"])
+    assert served[-1][0].api_key == "given" and served[-1][1]["host"] == "127.0.0.1"

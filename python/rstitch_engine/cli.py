@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .cli_args import (DEMO_PAIR, POLICY_GRAMMAR, HelpFormatter, chosen_policy, chosen_problems, cut_note, engine_args,
@@ -187,14 +188,18 @@ def cmd_bench(args) -> None:
 
 def cmd_serve(args) -> None:
     from .serving.app import ServerConfig
-    from .serving.server import serve
+    from .serving.server import API_KEY_ENV, is_loopback, serve
 
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key is None and not is_loopback(args.host):
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches it can use it "
+              f"(--api-key or {API_KEY_ENV})", file=sys.stderr)
     engine = make_engine(args, max_num_seqs=args.max_num_seqs)
     policy = chosen_policy(args, engine)
     name = args.served_model_name or str(args.llm or args.slm)
     print(f"serving {name!r} with policy {policy.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    serve(engine, ServerConfig(name, policy, max_waiting=args.max_waiting, router=args.router), host=args.host,
-          port=args.port, log_level=args.log_level)
+    serve(engine, ServerConfig(name, policy, max_waiting=args.max_waiting, router=args.router, api_key=api_key),
+          host=args.host, port=args.port, log_level=args.log_level)
 
 
 def cmd_bench_serve(args) -> None:
@@ -276,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Each request may choose its routing with a \"rstitch\" body field (README, "
                                    "'Serving'); --policy is the default.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every /v1/ request "
+                                                    "(default: the RSTITCH_API_KEY environment variable, which "
+                                                    "keeps the key out of process listings; unset: open)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", metavar="NAME", help="the model name clients use (default: --llm, "
                                                                "else --slm)")

@@ -1,18 +1,23 @@
 """The OpenAI-compatible HTTP server (FastAPI) over an AsyncEngine: /v1/completions, /v1/chat/completions
-(streamed as server-sent events or not), /v1/models, /health, /metrics. Conventions: serving.md; the
+(streamed as server-sent events or not), /v1/models, /health, /metrics. Conventions: docs/serving.md; the
 request fields: serving/protocol.py.
 
 Beyond OpenAI: the `rstitch` body field routes each request, and every response carries its routing
 statistics ("rstitch": LLM share, switches, catch-up and draft counts) beside `usage`; with
 `"return_sources": true` the choices and chunks also carry per-token `sources` (0 SLM, 1 LLM) and entropies.
 
-Status codes: 400 for invalid input (named), 404 for an unknown model, 503 with Retry-After when
-`max_waiting` requests already wait or the step loop has failed; a request whose model produced NaN/inf
+With an API key (`ServerConfig.api_key`, `rstitch serve --api-key` or RSTITCH_API_KEY) every /v1/ request
+needs `Authorization: Bearer <key>` (compared in constant time), else 401; /health and /metrics stay open,
+as in vLLM.
+
+Status codes: 400 for invalid input (named), 401 without the API key, 404 for an unknown model, 503 with
+Retry-After when `max_waiting` requests already wait or the step loop has failed; a request whose model produced NaN/inf
 (a server-side failure, not bad input) is a 500 or, once streaming, an error event.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -39,6 +44,7 @@ class ServerConfig:
     default_policy: Policy
     max_waiting: int | None = None  # 503 once this many requests wait (None: no limit)
     router: str | None = None       # the R-Stitch+ router file requests may use
+    api_key: str | None = None      # every /v1/ request must carry it as a bearer token (None: open)
 
 
 def routing_stats(outputs: list[RequestOutput]) -> dict:
@@ -78,6 +84,17 @@ def build_app(online: AsyncEngine, config: ServerConfig) -> FastAPI:
     online.listeners.append(metrics.observe)
     app.state.online, app.state.metrics = online, metrics
     engine = online.engine
+
+    if config.api_key is not None:
+        expected = f"Bearer {config.api_key}".encode()
+
+        @app.middleware("http")
+        async def _authenticate(request: Request, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
+                return error_response(APIError("a valid API key is needed: send 'Authorization: Bearer <key>'",
+                                               status=401, type="AuthenticationError"))
+            return await call_next(request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):  # logged by uvicorn; the client gets the shape

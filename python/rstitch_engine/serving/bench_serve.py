@@ -1,5 +1,5 @@
 """`rstitch bench serve`: a client-side load generator for the server, measured as `vllm bench serve`
-measures (serving.md, 'How vllm bench serve measures'): TTFT from sending to the first content chunk, ITL
+measures (docs/serving.md, 'How rstitch bench serve measures'): TTFT from sending to the first content chunk, ITL
 between chunks, TPOT = (E2EL - TTFT) / (output tokens - 1), E2EL to the last chunk; goodput counts requests
 within every --goodput limit. Plus what is specific to hybrid decoding: the LLM's token share and switches
 per 1k tokens, from each response's `rstitch` statistics.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
 import statistics
 import time
@@ -104,12 +105,14 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> RequestResult:
 
 
 async def run_pass(base_url: str, bodies: list[dict], *, concurrency: int | None, request_rate: float | None,
-                   seed: int, timeout_s: float) -> tuple[list[RequestResult], float]:
-    """Sends every body (arrivals: Poisson at request_rate, else at once; at most `concurrency` in flight);
-    returns the results and the pass's duration. Requests still running at timeout_s are cancelled."""
+                   seed: int, timeout_s: float, api_key: str | None = None) -> tuple[list[RequestResult], float]:
+    """Sends every body (arrivals: Poisson at request_rate, else at once; at most `concurrency` in flight),
+    with `api_key` as a bearer token if given; returns the results and the pass's duration. Requests still
+    running at timeout_s are cancelled."""
     rng = random.Random(seed)
     limit = asyncio.Semaphore(concurrency or len(bodies))
-    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout_s)) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout_s), headers=headers) as client:
         async def send(body: dict, delay: float) -> RequestResult:
             await asyncio.sleep(delay)
             async with limit:
@@ -216,6 +219,8 @@ def add_arguments(p) -> None:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds a pass may take (requests left are "
                                                                  "cancelled)")
     p.add_argument("--model", help="the model name to send (default: the server's)")
+    p.add_argument("--api-key", metavar="KEY", help="with --base-url: the server's API key (default: the "
+                                                    "RSTITCH_API_KEY environment variable)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="with --slm/--llm: the server's running batch")
     p.add_argument("--no-offline", action="store_true", help="with --slm/--llm: skip the offline comparison")
     p.add_argument("--out", help="folder for bench_serve.json / bench_serve.md (default: print only)")
@@ -225,6 +230,7 @@ def run_from_args(args) -> list[dict]:
     from ..cli_args import chosen_problems, make_engine
     from ..evaluation import markdown_table, write_results
     from ..policies import parse_policies
+    from .server import API_KEY_ENV
 
     policies = [p.strip() for p in args.policies.split(",")]
     parse_policies(args.policies)  # a bad policy fails here, not as 400s
@@ -232,6 +238,7 @@ def run_from_args(args) -> list[dict]:
     if any(c < 1 for c in levels):
         raise ValueError(f"--concurrency {args.concurrency!r}: levels must be >= 1")
     goodput = parse_goodput(args.goodput)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     problems, _ = chosen_problems(args)
     questions = [p["question"] for p in problems]
     passes = [(["mix:" + "+".join(policies)], policies)] if args.mix else [([p], [p]) for p in policies]
@@ -254,7 +261,7 @@ def run_from_args(args) -> list[dict]:
                                         temperature=args.temperature, seed=args.seed)
                 results, duration = asyncio.run(run_pass(base_url, bodies, concurrency=c,
                                                          request_rate=args.request_rate, seed=args.problem_seed,
-                                                         timeout_s=args.timeout))
+                                                         timeout_s=args.timeout, api_key=api_key))
                 row = {"policy": label[0], "concurrency": c, "request_rate": args.request_rate,
                        **summarize(results, duration, goodput)}
                 if engine is not None and c == 1 and not args.mix and not args.no_offline:

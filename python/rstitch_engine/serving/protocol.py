@@ -5,7 +5,7 @@ and a 4xx status; the server never turns bad input into a 500. Fields OpenAI def
 not implement (logprobs, tools, penalties, ...) are refused by name rather than ignored, and so are fields
 OpenAI does not define. A null value means "not given", as in OpenAI's API.
 
-The `rstitch` field routes one request (serving.md, 'What a hybrid SLM/LLM engine can offer'):
+The `rstitch` field routes one request (docs/serving.md, 'What a hybrid engine adds'):
 `{"policy": "rstitch", "tau": 0.05}`, `{"policy": "spec", "k": 4}`, `{"policy": "llm"}`,
 `{"policy": "rstitch:0.05:down0.02"}` (the CLI's policy grammar), `{"policy": "rstitch+"}` (the router the
 server loaded), and `"return_sources": true` for per-token sources and entropies.

@@ -2,6 +2,7 @@
 background thread on the loopback, for tests and `rstitch bench serve --slm/--llm`)."""
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 
@@ -11,6 +12,17 @@ from ..async_engine import AsyncEngine
 from .app import ServerConfig, build_app
 
 LOOPBACK = "127.0.0.1"
+API_KEY_ENV = "RSTITCH_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume others can reach it
+        return False
 
 
 def serve(engine, config: ServerConfig, *, host: str = LOOPBACK, port: int = 8000, log_level: str = "info") -> None:
