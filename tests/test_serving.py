@@ -315,7 +315,7 @@ def test_rstitch_plus_uses_the_router_the_server_loaded(engine, tmp_path):
 def test_api_key_guards_v1_and_leaves_health_and_metrics_open(engine, monkeypatch):
     """--api-key: /v1/* needs 'Authorization: Bearer KEY' (401 in OpenAI's error shape without it or with
     another key); /health and /metrics stay open; the OpenAI client with the key works."""
-    from rstitch_engine.serving.server import is_loopback
+    from rstitch_engine.serving import is_loopback
 
     key = "sk-test-7f3a"
     with ServerThread(engine, ServerConfig(MODEL, policies.LLMOnly(), api_key=key)) as s:
@@ -353,3 +353,34 @@ def test_serve_warns_without_a_key_off_the_loopback_and_reads_the_key_from_the_e
     assert "without an API key" not in capsys.readouterr().err and served[-1][0].api_key == "from-env"
     cli.main(args + ["--api-key", "given"])
     assert served[-1][0].api_key == "given" and served[-1][1]["host"] == "127.0.0.1"
+
+
+def test_body_limit_and_request_timeout(engine, monkeypatch):
+    """A body over max_request_bytes is a 413 (declared or chunked); a request running past
+    request_timeout_s is aborted, its blocks freed, and answered 408 (an error event once streaming)."""
+    import time as clock
+
+    free = engine.num_free_blocks
+    config = ServerConfig(MODEL, policies.LLMOnly(), max_request_bytes=300, request_timeout_s=0.5)
+    with ServerThread(engine, config) as s:
+        small = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(s.url + "/v1/completions", json=small).status_code == 200
+        big = {**small, "prompt": "x" * 400}
+        r = httpx.post(s.url + "/v1/completions", json=big)
+        assert r.status_code == 413 and "--max-request-bytes" in r.json()["error"]["message"]
+        chunked = httpx.post(s.url + "/v1/completions", content=iter([json.dumps(big).encode()]))  # no length
+        assert chunked.status_code == 413
+        step = engine.step
+        monkeypatch.setattr(engine, "step", lambda: (clock.sleep(0.05), step())[1])  # >= 5 s for 100 tokens
+        slow = {"model": MODEL, "prompt": "hi", "max_tokens": 100, "ignore_eos": True}
+        r = httpx.post(s.url + "/v1/completions", json=slow, timeout=60)
+        assert r.status_code == 408 and r.json()["error"]["type"] == "TimeoutError"
+        events = [line for line in httpx.post(s.url + "/v1/completions", json={**slow, "stream": True},
+                                              timeout=60).text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["type"] == "TimeoutError"
+        monkeypatch.setattr(engine, "step", step)
+        for _ in range(100):  # the aborts reach the step thread at its next step
+            if engine.num_free_blocks == free:
+                break
+            clock.sleep(0.05)
+        assert engine.num_free_blocks == free

@@ -7,6 +7,7 @@ import sys
 
 from .cli_args import (DEMO_PAIR, POLICY_GRAMMAR, HelpFormatter, chosen_policy, chosen_problems, cut_note, engine_args,
                        make_engine, policy_args, problem_args, sampling_args, sampling_params)
+from .serving import MAX_REQUEST_BYTES, SHUTDOWN_TIMEOUT_S
 
 
 def stats_line(out) -> str:
@@ -188,7 +189,8 @@ def cmd_bench(args) -> None:
 
 def cmd_serve(args) -> None:
     from .serving.app import ServerConfig
-    from .serving.server import API_KEY_ENV, is_loopback, serve
+    from .serving import API_KEY_ENV, is_loopback
+    from .serving.server import serve
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if api_key is None and not is_loopback(args.host):
@@ -198,8 +200,10 @@ def cmd_serve(args) -> None:
     policy = chosen_policy(args, engine)
     name = args.served_model_name or str(args.llm or args.slm)
     print(f"serving {name!r} with policy {policy.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    serve(engine, ServerConfig(name, policy, max_waiting=args.max_waiting, router=args.router, api_key=api_key),
-          host=args.host, port=args.port, log_level=args.log_level)
+    config = ServerConfig(name, policy, max_waiting=args.max_waiting, router=args.router, api_key=api_key,
+                          max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout)
+    serve(engine, config, host=args.host, port=args.port, log_level=args.log_level,
+          shutdown_timeout=args.shutdown_timeout)
 
 
 def cmd_bench_serve(args) -> None:
@@ -290,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, metavar="N", help="answer 503 with Retry-After once N requests "
                                                                 "wait (default: no limit)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch at once")
+    p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES, metavar="N",
+                   help="answer 413 to request bodies larger than N bytes")
+    p.add_argument("--request-timeout", type=float, metavar="S", help="abort a request running longer than S "
+                                                                     "seconds and answer 408 (default: no limit)")
+    p.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT_S, metavar="S",
+                   help="on SIGTERM: refuse new requests (503), let running ones finish within S seconds, abort "
+                        "the rest, exit 0")
     p.add_argument("--router", help="R-Stitch+ router file (rstitch train-router) for requests with "
                                     "\"rstitch\": {\"policy\": \"rstitch+\"}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],

@@ -23,7 +23,8 @@ from urllib.parse import urlparse
 
 import httpx
 
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+from . import API_KEY_ENV, is_loopback
+
 PERCENTILES = (50, 90, 99)
 COLUMNS = ["policy", "concurrency", "request_rate", "completed", "failed", "req_s", "output_tok_s", "goodput_req_s",
            "ttft_ms_mean", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_mean", "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50",
@@ -48,8 +49,8 @@ class RequestResult:
 
 def check_loopback(url: str) -> str:
     host = urlparse(url).hostname
-    if host not in LOOPBACK_HOSTS:
-        raise ValueError(f"--base-url {url!r}: only loopback servers are loaded ({', '.join(sorted(LOOPBACK_HOSTS))})")
+    if host is None or not is_loopback(host):
+        raise ValueError(f"--base-url {url!r}: only loopback servers are loaded (127.0.0.1, ::1, localhost)")
     return url.rstrip("/")
 
 
@@ -230,7 +231,6 @@ def run_from_args(args) -> list[dict]:
     from ..cli_args import chosen_problems, make_engine
     from ..evaluation import markdown_table, write_results
     from ..policies import parse_policies
-    from .server import API_KEY_ENV
 
     policies = [p.strip() for p in args.policies.split(",")]
     parse_policies(args.policies)  # a bad policy fails here, not as 400s
