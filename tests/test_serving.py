@@ -85,6 +85,19 @@ def test_routing_field_and_routing_stats(client, engine):
         assert stats["switches_to_llm"] == ref.stats["switches_to_llm"]
         assert stats["llm_share"] == pytest.approx(ref.stats["llm_tokens"] / len(ref.token_ids))
         assert stats["drafted"] == ref.stats["drafted"] and stats["accepted"] == ref.stats["accepted"]
+        if name.startswith("spec"):  # vLLM's per-request speculative decoding metrics
+            spec = body["metrics"]["speculative_decoding"]
+            assert spec["num_draft_tokens"] == ref.stats["drafted"] > 0
+            assert spec["num_drafts"] == ref.stats["verify_steps"]
+            assert spec["acceptance_rate"] == pytest.approx(ref.stats["accepted"] / ref.stats["drafted"])
+            mean_length = 1 + ref.stats["accepted"] / ref.stats["verify_steps"]
+            assert spec["mean_acceptance_length"] == pytest.approx(mean_length)
+            chunks = list(client.completions.create(model=MODEL, prompt=[7, 8, 9], max_tokens=16, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True},
+                                                    extra_body={"rstitch": {"policy": name}}))
+            assert chunks[-1].model_dump()["metrics"]["speculative_decoding"] == spec  # the usage chunk
+        else:
+            assert "metrics" not in body
     fields = client.completions.create(model=MODEL, prompt=[7, 8, 9], max_tokens=16, temperature=0,
                                        extra_body={"rstitch": {"policy": "rstitch", "tau": 0.5}})
     grammar = client.completions.create(model=MODEL, prompt=[7, 8, 9], max_tokens=16, temperature=0,

@@ -63,6 +63,21 @@ def routing_stats(outputs: list[RequestOutput]) -> dict:
     return stats
 
 
+def metrics_field(outputs: list[RequestOutput]) -> dict:
+    """A response's `metrics` field, in the shape vLLM adopted for per-request speculative decoding:
+    {"metrics": {"speculative_decoding": {num_drafts, num_draft_tokens, num_accepted_tokens, acceptance_rate
+    (accepted / draft tokens), mean_acceptance_length (1 + accepted / drafts)}}}, summed over the choices;
+    {} when no choice drafted."""
+    drafts = sum(o.stats.get("verify_steps", 0) for o in outputs)
+    draft_tokens = sum(o.stats.get("drafted", 0) for o in outputs)
+    accepted = sum(o.stats.get("accepted", 0) for o in outputs)
+    if not draft_tokens:
+        return {}
+    return {"metrics": {"speculative_decoding": {
+        "num_drafts": drafts, "num_draft_tokens": draft_tokens, "num_accepted_tokens": accepted,
+        "acceptance_rate": accepted / draft_tokens, "mean_acceptance_length": 1 + accepted / drafts}}}
+
+
 def usage(prompt_tokens: int, outputs: list[RequestOutput] | None = None, completion_tokens: int | None = None) -> dict:
     completion = completion_tokens if completion_tokens is not None else sum(len(o.token_ids) for o in outputs)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
@@ -290,7 +305,8 @@ class _Call:
             return error_response(generation_failed(failed))
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": [self._choice(i, o) for i, o in enumerate(outputs)],
-                "usage": usage(self.prompt_tokens, outputs), "rstitch": routing_stats(outputs)}
+                "usage": usage(self.prompt_tokens, outputs), "rstitch": routing_stats(outputs),
+                **metrics_field(outputs)}
 
     def _timed_out(self) -> APIError:
         return APIError(f"the request ran past the server's limit of {self.timeout_s:g} s (--request-timeout) and "
@@ -341,6 +357,7 @@ class _Call:
                 if out.finished:
                     finals.append(out.output)
                     choice["rstitch"] = routing_stats([out.output])
+                    extra.update(metrics_field([out.output]))
                 if self.parsed.continuous_usage:
                     extra["usage"] = usage(self.prompt_tokens, completion_tokens=completion_tokens)
                 yield self._chunk([choice], **extra)
@@ -348,7 +365,8 @@ class _Call:
             if failed is not None:
                 yield sse(failed.body())
             elif self.parsed.include_usage:
-                yield self._chunk([], usage=usage(self.prompt_tokens, finals), rstitch=routing_stats(finals))
+                yield self._chunk([], usage=usage(self.prompt_tokens, finals), rstitch=routing_stats(finals),
+                                  **metrics_field(finals))
             yield "data: [DONE]\n\n"
         finally:
             self._abort()
