@@ -34,6 +34,7 @@ from rstitch_engine.engine.ops import AttentionMeta, Ops
 from rstitch_engine.evaluation.report import collect_meta
 from rstitch_engine.models.decoder import forward
 from rstitch_engine.models.rope import cos_sin_table
+from rstitch_engine.protocol import LLM
 from rstitch_engine.router.calibrate import Grid, profile
 
 COLUMNS = ("model", "span", "engine_ms", "forward_ms", "transformers_ms", "matmuls_ms", "stream_ms",
@@ -121,8 +122,8 @@ def measure(source: str, model_name: str, dtype: str, context: int, spans: list[
                     max_num_batched_tokens=context)
     # engine_ms goes through the executor (profile: the engine's step timings); the bare-forward and matmul
     # columns time this in-process worker's own weights outside the engine
-    runner = engine.core.executor.worker.runners[1]
-    path, cfg, vocab = engine.paths[1], runner.cfg, engine.vocab_limit
+    runner = engine.core.executor.worker.runners[LLM]
+    path, cfg, vocab = engine.paths[LLM], runner.cfg, engine.vocab_limit
     grid = Grid(new_tokens=tuple(s for s in spans if s > 1), kv_chunks=(1,), decode_kv=(context,),
                 batch_sizes=(1,), warmup=1, repeats=repeats)
     timed = {t.n_inf: t.ms for t in profile(engine, grid, progress=False)}

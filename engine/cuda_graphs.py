@@ -79,7 +79,7 @@ class StepGraphs:
             if L != T or not np.array_equal(host.views.logits_indices[:L], np.arange(L)):
                 return None
             shape = next(((b, s) for b, s in self.shapes if s > 1 and b >= R and s >= host.count("max_query_len")
-                          and b * s <= self.runner.tokens.shape[0]), None)
+                          and b * s <= self.runner.logits_capacity), None)
             return None if shape is None else (*shape, f)
         if L != R:
             return None

@@ -68,7 +68,7 @@ class ModelRunner:
         self.model, self.cfg, self.weights, self.pool, self.ops = model, cfg, weights, pool, ops
         self.tables, self.vocab_limit, self.device, self.layout = tables, vocab_limit, device, layout
         self.plan = DevicePlan(layout, device)
-        cap = self.plan.views.logits_indices.shape[0]
+        self.logits_capacity = cap = self.plan.views.logits_indices.shape[0]  # logits rows a step can have
         # token, entropy and flags per logits row, packed so that one copy brings them to the host
         self.results = torch.zeros(3 * cap, dtype=torch.int32, device=device)
         self.tokens, self.entropies, self.flags = result_views(self.results, cap)

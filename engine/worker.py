@@ -58,7 +58,7 @@ class Worker:
             pool = torch.cuda.graph_pool_handle() if mode == "capture" else None
             for runner in self.runners.values():
                 runner.graphs = StepGraphs(runner, pool, emulate=mode == "emulate")
-        capacity = next(iter(self.runners.values())).tokens.shape[0]
+        capacity = next(iter(self.runners.values())).logits_capacity
         # two sets: a step's results are read back while the next step, planned into the other set, runs
         self.results = [{m: StepResults(capacity, device) for m in self.runners} for _ in range(2)]
 

@@ -20,8 +20,9 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": (False, True),
 }
 ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float32, "auto": torch.bfloat16}
+# a checkpoint's config.json dtype ("torch_dtype" / "dtype") -> the dtype its weights are taken to have
+CHECKPOINT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                     "float64": torch.float32, "auto": torch.bfloat16}
 _REQUIRED = object()
 
 
@@ -277,6 +278,6 @@ def _dtype(raw: dict, source: str) -> torch.dtype:
     name = raw.get(key)
     if name is None:
         return torch.bfloat16
-    if not isinstance(name, str) or name.removeprefix("torch.") not in DTYPES:
-        raise CheckpointError(f"{source}: {key} must be one of {', '.join(DTYPES)}, not {name!r}")
-    return DTYPES[name.removeprefix("torch.")]
+    if not isinstance(name, str) or name.removeprefix("torch.") not in CHECKPOINT_DTYPES:
+        raise CheckpointError(f"{source}: {key} must be one of {', '.join(CHECKPOINT_DTYPES)}, not {name!r}")
+    return CHECKPOINT_DTYPES[name.removeprefix("torch.")]

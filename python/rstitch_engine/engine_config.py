@@ -14,8 +14,9 @@ import torch
 
 from .protocol import INT32_MAX
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+# the values of EngineConfig.dtype / --dtype
+DTYPE_OPTIONS = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}
 KERNELS = ("triton", "torch")
 CUDA_RESERVE_BYTES = 2 * 2**30  # left free beside the KV pools on CUDA: activations and graph pools
 CPU_KV_BUDGET_BYTES = 2**30  # the KV budget on the CPU when kv_cache_gb is not given
@@ -98,10 +99,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
-        if self.dtype is not None and not isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPES)}")
-        if self.dtype is not None and isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPES.values():
-            raise ValueError(f"dtype {self.dtype} is not supported; use one of {sorted(DTYPES)}")
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPE_OPTIONS:
+            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPE_OPTIONS)}")
+        if self.dtype is not None and isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPE_OPTIONS.values():
+            raise ValueError(f"dtype {self.dtype} is not supported; use one of {sorted(DTYPE_OPTIONS)}")
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
@@ -124,7 +125,7 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         if self.dtype is None:
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        return self.dtype if isinstance(self.dtype, torch.dtype) else DTYPES[self.dtype]
+        return self.dtype if isinstance(self.dtype, torch.dtype) else DTYPE_OPTIONS[self.dtype]
 
     @property
     def on_cuda(self) -> bool:

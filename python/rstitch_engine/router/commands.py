@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..cli_args import chosen_problems, engine_args, make_engine, problem_args
+from ..protocol import LLM, SLM
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -142,7 +143,7 @@ def cmd_train_router(args) -> None:
     rows = evaluate(engine, held_out, policies, task=word_problems(engine), max_tokens=args.max_tokens,
                     latency_model=latency, lam=args.lam, batch_size=args.eval_batch_size,
                     progress=not args.no_progress)
-    meta = {"slm": str(engine.paths[0]), "llm": str(engine.paths[1]), "latency_model": str(args.latency),
+    meta = {"slm": str(engine.paths[SLM]), "llm": str(engine.paths[LLM]), "latency_model": str(args.latency),
             "latency_device": latency.meta.get("device"), "eval": f"synthetic:{args.eval}:seed{args.eval_seed}:{args.level}",
             "eval_batch_size": args.eval_batch_size, "training": router.meta.get("training"),
             "final_step": history[-1] if history else None}

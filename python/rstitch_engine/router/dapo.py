@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..policies import SLM
+from ..protocol import LLM, SLM
 from .model import Router
 from .rollouts import Rollout, Task, run_rollouts, summarize_rollouts, word_problems
 
@@ -284,7 +284,7 @@ def train_router(engine, problems: list[dict], *, tau: float, steps: int, latenc
             log.close()
     run.router.mark_trained_on(engine.dtype)
     run.router.meta.update(tau=tau, tau_down=tau_down if tau_down is not None else tau,
-                           slm=str(engine.paths[SLM]), llm=str(engine.paths[1]),
+                           slm=str(engine.paths[SLM]), llm=str(engine.paths[LLM]),
                            training={**asdict(cfg), "steps": run.step, "algorithm": "DAPO"})
     if plot_path is not None and run.history:
         plot_curves(run.history, plot_path)
