@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server (FastAPI) over an AsyncEngine: /v1/completions, /v1/chat/completions
 (streamed as server-sent events or not), /v1/models, /health, /metrics. Conventions: docs/serving.md; the
-request fields: serving/protocol.py.
+request fields: serving/openai_request.py.
 
 Beyond OpenAI: the `rstitch` body field routes each request, and every response carries its routing
 statistics ("rstitch": LLM share, switches, catch-up and draft counts) beside `usage`; with
@@ -37,7 +37,7 @@ from ..outputs import RequestOutput
 from ..policies import Policy
 from . import MAX_REQUEST_BYTES
 from .metrics import ServerMetrics
-from .protocol import APIError, ParsedRequest, parse_request
+from .openai_request import APIError, ParsedRequest, parse_request
 
 ROUTING_STATS = ("slm_tokens", "llm_tokens", "switches_to_llm", "switches_to_slm", "discarded_slm_tokens",
                  "extend_tokens_llm", "extend_tokens_slm", "drafted", "accepted", "llm_wait_steps", "llm_wait_s")
