@@ -196,7 +196,7 @@ def cmd_serve(args) -> None:
     if api_key is None and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who reaches it can use it "
               f"(--api-key or {API_KEY_ENV})", file=sys.stderr)
-    engine = make_engine(args, max_num_seqs=args.max_num_seqs)
+    engine = make_engine(args)
     policy = chosen_policy(args, engine)
     name = args.served_model_name or str(args.llm or args.slm)
     print(f"serving {name!r} with policy {policy.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128, help="length of random prompts")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--out", help="folder for bench.json, bench.md, bench.png (default: print the table only)")
-    engine_args(p)
+    engine_args(p, skip=("max_num_seqs",))    # the batch is --num-prompts
     sampling_args(p, max_tokens=256)
     p.set_defaults(func=cmd_bench)
     from .serving.bench_serve import add_arguments as bench_serve_arguments
@@ -293,7 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "else --slm)")
     p.add_argument("--max-waiting", type=int, metavar="N", help="answer 503 with Retry-After once N requests "
                                                                 "wait (default: no limit)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch at once")
     p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES, metavar="N",
                    help="answer 413 to request bodies larger than N bytes")
     p.add_argument("--request-timeout", type=float, metavar="S", help="abort a request running longer than S "

@@ -74,7 +74,7 @@ def _calibrate_parser(sub) -> None:
     p.add_argument("--holdout", type=float, default=0.2, help="share of grid points held out to report the fit")
     p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split and the profiled tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    engine_args(p)
+    engine_args(p, skip=("max_num_batched_tokens", "max_num_seqs"))  # --chunk and the grid's batch sizes set them
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -195,7 +195,7 @@ def _train_router_parser(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between resumable checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    engine_args(p, demo_pair=True)
+    engine_args(p, demo_pair=True, skip=("max_num_seqs",))  # prompts per batch x rollouts
     p.set_defaults(func=cmd_train_router)
 
 

@@ -222,7 +222,6 @@ def add_arguments(p) -> None:
     p.add_argument("--model", help="the model name to send (default: the server's)")
     p.add_argument("--api-key", metavar="KEY", help="with --base-url: the server's API key (default: the "
                                                     "RSTITCH_API_KEY environment variable)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="with --slm/--llm: the server's running batch")
     p.add_argument("--no-offline", action="store_true", help="with --slm/--llm: skip the offline comparison")
     p.add_argument("--out", help="folder for bench_serve.json / bench_serve.md (default: print only)")
 
@@ -250,7 +249,7 @@ def run_from_args(args) -> list[dict]:
         from .app import ServerConfig
         from .server import ServerThread
 
-        engine = make_engine(args, max_num_seqs=args.max_num_seqs)
+        engine = make_engine(args)
         server = ServerThread(engine, ServerConfig(args.model or "rstitch", LLMOnly())).__enter__()
         base_url = server.url
     rows = []
