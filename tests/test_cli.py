@@ -247,3 +247,17 @@ def test_engine_options_come_from_engine_config(pair, monkeypatch):
     assert built[-1] == dict(slm=str(pair[0]), llm=str(pair[1]), device="cpu", block_size=8, max_num_seqs=3,
                              optimistic_llm=False, llm_batch_share=0.5, progress=True)
     EngineConfig(**{k: v for k, v in built[-1].items()})  # a valid config
+
+
+def test_train_router_options_default_to_dapo_config():
+    """`rstitch train-router` reads its DAPO defaults from DapoConfig, the one home train_router also uses."""
+    import dataclasses
+
+    from rstitch_engine.router.commands import DAPO_OPTIONS
+    from rstitch_engine.router.dapo import DapoConfig
+
+    args = build_parser().parse_args(["train-router", "--latency", "l.json", "--tau", "0.05", "--out", "o",
+                                      "--synthetic", "4"])
+    settings = {name: getattr(args, name) for name, _, _ in DAPO_OPTIONS}
+    assert DapoConfig(**settings) == DapoConfig(tau=0.05)
+    assert {f.name for f in dataclasses.fields(DapoConfig)} >= set(settings)
