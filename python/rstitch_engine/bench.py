@@ -89,6 +89,31 @@ def run_bench(engine, prompts: list[list[int]], policies: list[Policy], params: 
     return rows
 
 
+def copy_bandwidth(device: torch.device | str, num_bytes: int | None = None) -> float:
+    """Bytes read plus written per second by a large copy on `device` (median of 10 after 2 warm-ups; CUDA
+    events on a GPU): the measured bandwidth every "% of roofline" in this repository divides by.
+    `num_bytes` defaults to 1 GiB on CUDA and 256 MiB on the CPU (past its caches)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = num_bytes or (2**30 if cuda else 2**28)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()  # NOTE: a measurement, outside any decode loop
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+    return 2 * n / statistics.median(times[2:])
+
+
 def synthetic_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(10, vocab, (n, length), generator=g).tolist()
