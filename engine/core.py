@@ -134,8 +134,8 @@ def _pool_size(config: EngineConfig, models: list[ModelConfig], dtype: torch.dty
         # Requested explicitly: a warning; the models' default context lowered: information only.
         level = logging.WARNING if config.max_model_len is not None else logging.INFO
         log.log(level, "max_model_len lowered from %d to %d tokens (prompt + output): that is what a KV cache of "
-                "%.2f GiB holds for both models (kv_cache_gb; default 1 GiB on the CPU, the free memory on CUDA). "
-                "kv_cache_gb=%.1f holds the full %d; a smaller max_model_len silences this", max_model_len, held,
-                budget / 2**30, budget / 2**30 * max_model_len / held, max_model_len)
+                "%.2f GiB holds for both models (kv_cache_gb: %s). kv_cache_gb=%.1f holds the full %d; a smaller "
+                "max_model_len silences this", max_model_len, held, budget / 2**30, EngineConfig.help("kv_cache_gb"),
+                budget / 2**30 * max_model_len / held, max_model_len)
         max_model_len = held
     return num_blocks, max_model_len
