@@ -266,14 +266,19 @@ class _Call:
                 p.cancel()
             self._abort()
 
-    def _choice(self, index: int, out: RequestOutput) -> dict:
-        choice = {"index": index, "logprobs": None, "finish_reason": out.finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": out.text}
+    def _choice(self, index: int, text: str, finish_reason: str | None, sources: list, entropies: list,
+                chat_key: str) -> dict:
+        """One choice of a response (`chat_key` "message") or of a stream chunk ("delta"; an empty delta
+        ends a chat stream's choice)."""
+        choice = {"index": index, "logprobs": None, "finish_reason": finish_reason}
+        if not self.chat:
+            choice["text"] = text
+        elif chat_key == "message":
+            choice["message"] = {"role": "assistant", "content": text}
         else:
-            choice["text"] = out.text
+            choice["delta"] = {"content": text} if text or finish_reason is None else {}
         if self.parsed.return_sources:
-            choice["sources"], choice["entropies"] = out.sources, out.entropies
+            choice["sources"], choice["entropies"] = sources, entropies
         return choice
 
     async def complete(self, request: Request):
@@ -304,7 +309,8 @@ class _Call:
         if failed is not None:
             return error_response(generation_failed(failed))
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [self._choice(i, o) for i, o in enumerate(outputs)],
+                "choices": [self._choice(i, o.text, o.finish_reason, o.sources, o.entropies, "message")
+                            for i, o in enumerate(outputs)],
                 "usage": usage(self.prompt_tokens, outputs), "rstitch": routing_stats(outputs),
                 **metrics_field(outputs)}
 
@@ -345,14 +351,8 @@ class _Call:
                     break
                 if not (out.text or out.finished or (self.parsed.return_sources and out.token_ids)):
                     continue
-                choice = {"index": index, "logprobs": None,
-                          "finish_reason": out.output.finish_reason if out.finished else None}
-                if self.chat:
-                    choice["delta"] = {"content": out.text} if out.text or not out.finished else {}
-                else:
-                    choice["text"] = out.text
-                if self.parsed.return_sources:
-                    choice["sources"], choice["entropies"] = out.sources, out.entropies
+                choice = self._choice(index, out.text, out.output.finish_reason if out.finished else None,
+                                      out.sources, out.entropies, "delta")
                 extra = {}
                 if out.finished:
                     finals.append(out.output)
