@@ -25,32 +25,11 @@ from pathlib import Path
 import torch
 
 from rstitch_engine import Engine, SamplingParams, policies
-from rstitch_engine.bench import run_bench, synthetic_prompts, time_policy
+from rstitch_engine.bench import copy_bandwidth, run_bench, synthetic_prompts, time_policy
 from rstitch_engine.random_models import SHAPES, streamed_bytes
 from rstitch_engine.router.calibrate import Grid, calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a large device-to-device copy (median of 10)."""
-    n = (1 << 30) if device.type == "cuda" else (1 << 26)
-    src, dst = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
-    src.random_(0, 255)
-    times = []
-    for _ in range(12):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            dst.copy_(src)
-            times.append(time.perf_counter() - t)
-    return 2 * n / sorted(times[2:])[len(times[2:]) // 2]
 
 
 def with_roofline(row: dict, engine: Engine, bandwidth: float) -> dict:
@@ -142,7 +121,7 @@ def main() -> None:
     sections["batch1"] = [with_roofline(r, engine, bandwidth) for r in rows]
 
     # Cost model from this run's own forward times: the forced row's traces, priced by the calibration.
-    chunk = engine.runtime.scheduler_config.max_step_tokens
+    chunk = engine.core.scheduler_config.max_step_tokens
     # extends over N_kv = 0 and one chunk (where the context holds it): the cached-token terms of the fit
     kv_chunks = (0, 1) if chunk + 96 < engine.max_model_len else (0,)
     lat = calibrate(engine, Grid(new_tokens=(2, 8, 32, 96), kv_chunks=kv_chunks, decode_kv=(128, 256, 384),

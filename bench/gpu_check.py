@@ -225,10 +225,10 @@ def stage_tput(c: Check) -> None:
     """Batch-1 tok/s side by side with % of the copy-bandwidth roofline: SLM-only, LLM-only, forced 10% in
     runs of 8 and the real rule's pattern (37% in runs of 2); sampled SLM-only; kernels per step."""
     from rstitch_engine import SamplingParams, policies
-    from rstitch_engine.bench import run_bench, synthetic_prompts, time_policy
+    from rstitch_engine.bench import copy_bandwidth, run_bench, synthetic_prompts, time_policy
 
     e2e = _load("e2e")
-    bandwidth = e2e.copy_bandwidth(c.device)
+    bandwidth = copy_bandwidth(c.device)
     c.fact("copy_bandwidth", GBs=bandwidth / 1e9)
     eng = c.engine(overlap=c.device.type == "cuda")
     prompt = synthetic_prompts(1, c.prompt_len, eng.vocab_limit)

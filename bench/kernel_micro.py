@@ -66,16 +66,6 @@ def graph_time_us(calls, min_calls=16):
     return statistics.median(times)
 
 
-def copy_bandwidth_gbs(num_bytes=2 << 30):
-    import triton.testing
-
-    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=500, return_mode="median")
-    del src, dst
-    return 2 * num_bytes / (ms * 1e-3) / 1e9
-
-
 def input_sets(bytes_per_set, build, l2_bytes, most=16):
     """Enough independent input sets that cycling through them overflows L2 (3x)."""
     n = max(1, min(most, math.ceil(3 * l2_bytes / max(bytes_per_set, 1))))
@@ -465,8 +455,10 @@ def main(argv=None) -> int:
         return 0
     import triton
 
+    from rstitch_engine.bench import copy_bandwidth
+
     props = torch.cuda.get_device_properties(0)
-    copy_gbs = copy_bandwidth_gbs()
+    copy_gbs = copy_bandwidth("cuda") / 1e9
     now = datetime.datetime.now()
     meta = dict(device=props.name, sms=props.multi_processor_count, l2_bytes=props.L2_cache_size,
                 torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),

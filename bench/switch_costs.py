@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from rstitch_engine import Engine
+from rstitch_engine.bench import copy_bandwidth
 from rstitch_engine.engine.kv_pool import KVPool
 from rstitch_engine.engine.ops import AttentionMeta, Ops
 from rstitch_engine.evaluation.report import collect_meta
 from rstitch_engine.models.decoder import forward
 from rstitch_engine.models.rope import cos_sin_table
+from rstitch_engine.protocol import LLM
 from rstitch_engine.router.calibrate import Grid, profile
 
 COLUMNS = ("model", "span", "engine_ms", "forward_ms", "transformers_ms", "matmuls_ms", "stream_ms",
@@ -48,13 +50,6 @@ def median_ms(fn, repeats: int, warmup: int = 1) -> float:
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def copy_bandwidth(repeats: int, nbytes: int) -> float:
-    """Bytes per second of a large copy, read plus write."""
-    src = torch.randn(nbytes // 4)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / (median_ms(lambda: dst.copy_(src), repeats) / 1e3)
 
 
 def weight_bytes(w) -> int:
@@ -119,12 +114,14 @@ def measure(source: str, model_name: str, dtype: str, context: int, spans: list[
     """(rows of COLUMNS for one model, copy bandwidth in bytes/s)."""
     engine = Engine(llm=source, device="cpu", dtype=dtype, kv_cache_gb=0.5, max_model_len=context + 64,
                     max_num_batched_tokens=context)
-    runner = engine.runtime.runners[1]
-    path, cfg, vocab = engine.paths[1], runner.cfg, engine.vocab_limit
+    # engine_ms goes through the executor (profile: the engine's step timings); the bare-forward and matmul
+    # columns time this in-process worker's own weights outside the engine
+    runner = engine.core.executor.worker.runners[LLM]
+    path, cfg, vocab = engine.paths[LLM], runner.cfg, engine.vocab_limit
     grid = Grid(new_tokens=tuple(s for s in spans if s > 1), kv_chunks=(1,), decode_kv=(context,),
                 batch_sizes=(1,), warmup=1, repeats=repeats)
     timed = {t.n_inf: t.ms for t in profile(engine, grid, progress=False)}
-    bandwidth = copy_bandwidth(repeats, 256 * 2**20)
+    bandwidth = copy_bandwidth("cpu")
     stream = weight_bytes(runner.weights) / bandwidth * 1e3
     rows = []
     with torch.no_grad():

@@ -29,13 +29,14 @@ EXTEND_ROWS = (1, 2, 4, 8, 16)
 
 
 class StepGraphs:
-    def __init__(self, runner: ModelRunner, max_rows: int, max_tokens: int, pool=None, emulate: bool = False):
+    def __init__(self, runner: ModelRunner, pool=None, emulate: bool = False):
         self.runner, self.emulate, self.pool = runner, emulate, pool
+        max_rows, max_tokens = runner.layout.max_rows, runner.layout.max_step_tokens
         self.shapes = [(b, 1) for b in BUCKETS if b <= max_rows] + \
                       [(b, s) for s in EXTEND_SPANS for b in EXTEND_ROWS if b <= max_rows and b * s <= max_tokens]
         # key -> (the CUDA graph, None when emulated; the draft-logits buffer it writes, if any)
         self.graphs: dict[tuple[int, int, StepFlags], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
-        self._padding_plan = HostPlan(runner.sched, pin=not emulate)
+        self._padding_plan = HostPlan(runner.layout, pin=not emulate)
         for rows, span in sorted(self.shapes, key=lambda s: s[0] * s[1], reverse=True):  # largest first: reuse memory
             self.ensure((rows, span, StepFlags()), None)
 
@@ -78,7 +79,7 @@ class StepGraphs:
             if L != T or not np.array_equal(host.views.logits_indices[:L], np.arange(L)):
                 return None
             shape = next(((b, s) for b, s in self.shapes if s > 1 and b >= R and s >= host.count("max_query_len")
-                          and b * s <= self.runner.tokens.shape[0]), None)
+                          and b * s <= self.runner.logits_capacity), None)
             return None if shape is None else (*shape, f)
         if L != R:
             return None

@@ -18,7 +18,7 @@ from rstitch_engine.kernels.spec_verify import verify_drafts
 
 from .kv_pool import KVPool
 from .ops import AttentionMeta, Ops
-from .plan import DevicePlan, HostPlan
+from .plan import DevicePlan, HostPlan, PlanLayout
 from .readback import result_views
 
 
@@ -64,11 +64,11 @@ class StepFlags:
 
 class ModelRunner:
     def __init__(self, model: int, cfg: ModelConfig, weights: ModelWeights, pool: KVPool, ops: Ops,
-                 tables: DeviceTables, sched, vocab_limit: int, max_model_len: int, device):
+                 tables: DeviceTables, layout: PlanLayout, vocab_limit: int, max_model_len: int, device):
         self.model, self.cfg, self.weights, self.pool, self.ops = model, cfg, weights, pool, ops
-        self.tables, self.vocab_limit, self.device, self.sched = tables, vocab_limit, device, sched
-        self.plan = DevicePlan(sched, device)
-        cap = self.plan.views.logits_indices.shape[0]
+        self.tables, self.vocab_limit, self.device, self.layout = tables, vocab_limit, device, layout
+        self.plan = DevicePlan(layout, device)
+        self.logits_capacity = cap = self.plan.views.logits_indices.shape[0]  # logits rows a step can have
         # token, entropy and flags per logits row, packed so that one copy brings them to the host
         self.results = torch.zeros(3 * cap, dtype=torch.int32, device=device)
         self.tokens, self.entropies, self.flags = result_views(self.results, cap)

@@ -1,11 +1,14 @@
 """Plan buffers: what the C++ scheduler writes for one model and one step, on the host and on the device.
 
-The layout comes from the scheduler itself (`Scheduler.layout()`), so it is defined once, in C++. The int32
-and float32 fields share one buffer (the float32 part viewed in place), so a step's plan goes up in one
-copy. Host buffers are pinned so that copy is asynchronous; device buffers have fixed addresses so CUDA
-graphs can read them.
+The layout comes from the scheduler itself (`Scheduler.layout()`), so it is defined once, in C++; the core
+copies it into a `PlanLayout`, plain data that workers are built from without a scheduler. The int32 and
+float32 fields share one buffer (the float32 part viewed in place), so a step's plan goes up in one copy.
+Host buffers are pinned so that copy is asynchronous; device buffers have fixed addresses so CUDA graphs can
+read them.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,12 +16,30 @@ import torch
 from rstitch_engine import _C
 
 
+@dataclass(frozen=True)
+class PlanLayout:
+    """The sizes of the scheduler's plan and table-update buffers, and its named fields."""
+    i32_size: int
+    f32_size: int
+    fields: tuple              # (name, "i" or "f", offset, length) per field
+    max_rows: int              # rows a step can plan
+    max_step_tokens: int       # tokens a step can plan
+    max_blocks_per_seq: int
+    table_update_size: int
+    table_update_capacity: int
+
+    @classmethod
+    def of(cls, sched: _C.Scheduler, max_step_tokens: int) -> "PlanLayout":
+        return cls(sched.i32_size, sched.f32_size, tuple(tuple(f) for f in sched.layout()), sched.max_rows,
+                   max_step_tokens, sched.max_blocks_per_seq, sched.table_update_size, sched.table_update_capacity)
+
+
 class PlanViews:
     """Named views into one int32 and one float32 buffer (torch tensors on the device, numpy arrays on the
     host: numpy's small-slice writes cost a fraction of torch's per-op dispatch)."""
 
-    def __init__(self, i32, f32, layout):
-        for name, kind, offset, length in layout:
+    def __init__(self, i32, f32, fields):
+        for name, kind, offset, length in fields:
             buf = i32 if kind == "i" else f32
             setattr(self, name, buf[offset:offset + length])
         self.router_features = self.router_features.reshape(-1, _C.ROUTER_FEATURES)
@@ -27,11 +48,11 @@ class PlanViews:
 class HostPlan:
     """One model's pinned host plan; `header` is a numpy view the host reads without touching the device."""
 
-    def __init__(self, sched: _C.Scheduler, pin: bool):
-        self.buffer = torch.zeros(sched.i32_size + sched.f32_size, dtype=torch.int32, pin_memory=pin)
+    def __init__(self, layout: PlanLayout, pin: bool):
+        self.buffer = torch.zeros(layout.i32_size + layout.f32_size, dtype=torch.int32, pin_memory=pin)
         whole = self.buffer.numpy()
-        self.i32_np, self.f32_np = whole[:sched.i32_size], whole[sched.i32_size:].view(np.float32)
-        self.views = PlanViews(self.i32_np, self.f32_np, sched.layout())
+        self.i32_np, self.f32_np = whole[:layout.i32_size], whole[layout.i32_size:].view(np.float32)
+        self.views = PlanViews(self.i32_np, self.f32_np, layout.fields)
         self.header = self.views.header
 
     def count(self, name: str) -> int:
@@ -88,10 +109,10 @@ def _move(field: np.ndarray, n: int, static_n: int, dest: np.ndarray, value) -> 
 
 
 class DevicePlan:
-    def __init__(self, sched: _C.Scheduler, device):
-        self.buffer = torch.zeros(sched.i32_size + sched.f32_size, dtype=torch.int32, device=device)
-        self.views = PlanViews(self.buffer[:sched.i32_size], self.buffer[sched.i32_size:].view(torch.float32),
-                               sched.layout())
+    def __init__(self, layout: PlanLayout, device):
+        self.buffer = torch.zeros(layout.i32_size + layout.f32_size, dtype=torch.int32, device=device)
+        self.views = PlanViews(self.buffer[:layout.i32_size], self.buffer[layout.i32_size:].view(torch.float32),
+                               layout.fields)
 
     def load(self, host: HostPlan) -> None:
         self.buffer.copy_(host.buffer, non_blocking=True)

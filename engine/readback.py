@@ -29,16 +29,16 @@ class StepResults:
         self.capacity = capacity
         self.host = torch.zeros(3 * capacity, dtype=torch.int32, pin_memory=self.cuda)
         self.numpy = result_views(self.host.numpy(), capacity)
-        self.start = self.stop = self.copied = None
+        self.start = self.stop = self.copied = None  # CUDA events
         self.order = None
-        self.wall = 0.0
+        self.started = self.seconds = 0.0  # the CPU's wall clock: when the step began, how long it took
 
     def begin(self) -> None:
         if self.cuda:
             self.start = torch.cuda.Event(enable_timing=True)
             self.start.record()
         else:
-            self.wall = time.perf_counter()
+            self.started = time.perf_counter()
 
     def fetch(self, results: torch.Tensor, n: int, order: np.ndarray | None = None) -> None:
         """Queues the copy of the first n rows of the packed device results (with the unused tails of the
@@ -46,7 +46,7 @@ class StepResults:
         self.order = order
         used = slice(0, 2 * self.capacity + n)
         if not self.cuda:
-            self.wall = time.perf_counter() - self.wall
+            self.seconds = time.perf_counter() - self.started
             self.host[used].copy_(results[used])
             return
         self.stop = torch.cuda.Event(enable_timing=True)
@@ -65,4 +65,4 @@ class StepResults:
         if self.order is not None:
             for field in self.numpy:
                 field[:len(self.order)] = field[self.order]
-        return self.start.elapsed_time(self.stop) / 1e3 if self.cuda else self.wall
+        return self.start.elapsed_time(self.stop) / 1e3 if self.cuda else self.seconds

@@ -144,7 +144,7 @@ def make_scheduler(*, num_blocks=64, block_size=4, max_num_seqs=8, max_model_len
 
 
 def run_to_completion(sched, dev: SimDevice, max_inflight: int, models=(0, 1), max_steps: int = 10000):
-    """The step loop of engine/step_loop.py, against the simulated device."""
+    """The step loop of engine/core.py, against the simulated device."""
     inflight, events, step = [], [], 0
     while sched.has_unfinished() or inflight:
         rows = dev.plan(step, models)

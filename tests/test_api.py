@@ -93,6 +93,35 @@ def test_stop_strings_and_stop_token_ids(engine):
     assert tid not in out.token_ids[:-1]
 
 
+def test_tokenizing_does_not_wait_for_a_running_step(engine):
+    """Tokenization has its own lock: while another thread holds the step lock (a step runs), tokenize,
+    chat_prompts and a request's encoding still finish; detokenization waits for the tokenizer, not the step."""
+    import threading
+
+    stepping, release = threading.Event(), threading.Event()
+
+    def long_step():
+        with engine._lock:
+            stepping.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=long_step)
+    holder.start()
+    try:
+        assert stepping.wait(10)
+        done = {}
+        worker = threading.Thread(target=lambda: done.update(
+            ids=engine.tokenize("hello world"), chat=engine.chat_prompts([{"role": "user", "content": "hi"}]),
+            encoded=engine._encode("hello world")))
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive(), "tokenizing waited for the step lock"
+        assert done["encoded"] == ("hello world", done["ids"]) and "hi" in done["chat"][0]
+    finally:
+        release.set()
+        holder.join()
+
+
 def test_min_tokens_defers_eos(engine):
     params = SamplingParams(max_tokens=40, temperature=0.0, stop_token_ids=list(range(384)), min_tokens=7)
     out = engine.generate([[3, 4]], params, use_tqdm=False)[0]
@@ -120,7 +149,7 @@ def test_memory_pressure_preempts_and_never_leaks(llm):
     per_token = ModelConfig.from_dir(llm).kv_bytes_per_token(torch.float32)
     eng = Engine(llm=llm, device="cpu", block_size=4, kv_cache_gb=12 * 4 * per_token / 2**30, max_model_len=48,
                  max_num_seqs=8)
-    assert eng.runtime.scheduler_config.num_blocks == 12
+    assert eng.core.scheduler_config.num_blocks == 12
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     prompts = [[i + 3] * (3 + i) for i in range(8)]
     outs = eng.generate(prompts, params, use_tqdm=False)
@@ -141,8 +170,8 @@ def test_a_crash_mid_batch_frees_every_block(engine, monkeypatch):
             raise RuntimeError("device fault")
         return original(*a, **k)
 
-    original = engine.loop.step
-    monkeypatch.setattr(engine.loop, "step", boom)
+    original = engine.core.step
+    monkeypatch.setattr(engine.core, "step", boom)
     with pytest.raises(RuntimeError, match="device fault"):
         engine.generate([[1, 2], [3, 4]], SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
     monkeypatch.undo()

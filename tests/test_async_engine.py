@@ -65,7 +65,7 @@ def test_abort_stops_within_two_steps_and_leaves_others_unchanged(online, solo, 
     abort_requests = engine.abort_requests
 
     def recording_abort(outputs):
-        steps["aborted"] = engine.loop.next_step
+        steps["aborted"] = engine.core.next_step
         abort_requests(outputs)
 
     monkeypatch.setattr(engine, "abort_requests", recording_abort)
@@ -83,7 +83,7 @@ def test_abort_stops_within_two_steps_and_leaves_others_unchanged(online, solo, 
 
         async def abort_it():
             await tokens_seen.wait()
-            steps["asked"] = engine.loop.next_step
+            steps["asked"] = engine.core.next_step
             await online.abort("victim")
 
         return await asyncio.gather(victim(), collect(online, PROMPTS[0], policy=POLICIES[0]), abort_it())
@@ -142,7 +142,7 @@ def test_rejections_and_invalid_arguments(online, engine):
 def test_a_failing_step_loop_fails_requests_in_flight(pair):
     eng = Engine(slm=pair[0], llm=pair[1], device="cpu", block_size=4, kv_cache_gb=0.01, max_model_len=64)
     online = AsyncEngine(eng)
-    original, calls = eng.loop.step, []
+    original, calls = eng.core.step, []
 
     def failing_step():
         calls.append(1)
@@ -150,7 +150,7 @@ def test_a_failing_step_loop_fails_requests_in_flight(pair):
             raise RuntimeError("device lost")
         return original()
 
-    eng.loop.step = failing_step
+    eng.core.step = failing_step
 
     async def main():
         with pytest.raises(EngineDeadError, match="device lost"):

@@ -249,3 +249,18 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(f["pct_roofline"] > 0 for f in facts if f["name"] == "batch1")
     costs = [f for f in facts if f["name"] == "cost_model"]  # both forced patterns priced by this run's timings
     assert len(costs) == 2 and all(f["predicted_s"] > 0 and f["measured_s"] > 0 for f in costs)
+
+
+def test_copy_bandwidth_is_one_measure_for_every_report():
+    """The one copy-bandwidth measure (% of roofline divides by it): bench/e2e.py, switch_costs.py,
+    kernel_micro.py and gpu_check.py all call rstitch_engine.bench.copy_bandwidth, none measures its own."""
+    import re
+    from pathlib import Path
+
+    from rstitch_engine.bench import copy_bandwidth
+
+    assert math.isfinite(copy_bandwidth("cpu", 2**22)) and copy_bandwidth("cpu", 2**22) > 0
+    root = Path(__file__).resolve().parents[1] / "bench"
+    for script in ("e2e.py", "switch_costs.py", "kernel_micro.py", "gpu_check.py"):
+        text = (root / script).read_text()
+        assert "copy_bandwidth(" in text and not re.search(r"def copy_bandwidth", text), script

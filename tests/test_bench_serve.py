@@ -62,6 +62,28 @@ def test_bench_serve_in_process_with_offline_comparison(pair, tmp_path):
     assert "| policy |" in (out / "bench_serve.md").read_text()
 
 
+def test_bench_serve_sends_the_api_key(pair):
+    """run_pass with the server's key completes every request; without it every request fails with 401."""
+    import asyncio
+
+    from rstitch_engine import Engine, policies
+    from rstitch_engine.serving.app import ServerConfig
+    from rstitch_engine.serving.bench_serve import run_pass
+    from rstitch_engine.serving.server import ServerThread
+
+    engine = Engine(llm=pair[1], device="cpu", kv_cache_gb=0.01)
+    bodies = request_bodies(["What is 2 + 3?", "Name a colour."], ["llm"], model=None, max_tokens=3,
+                            temperature=0.0, seed=None)
+    with ServerThread(engine, ServerConfig("m", policies.LLMOnly(), api_key="k-123")) as server:
+        def run(key):
+            return asyncio.run(run_pass(server.url, bodies, concurrency=2, request_rate=None, seed=0, timeout_s=60,
+                                        api_key=key))[0]
+
+        assert all(r.ok for r in run("k-123"))
+        refused = run(None)
+        assert not any(r.ok for r in refused) and all(r.error.startswith("HTTP 401") for r in refused)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,3 +114,70 @@ def test_rstitch_serve_command_serves_and_stops_on_ctrl_c(pair):
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
+
+
+def _start_serve(pair, port: int, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "rstitch_engine", "serve", "--slm", str(pair[0]), "--llm",
+                             str(pair[1]), "--device", "cpu", "--port", str(port), "--served-model-name", "tiny",
+                             "--log-level", "warning", "--kv-cache-gb", "0.02", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the server did not start")
+
+
+@pytest.mark.parametrize("shutdown_timeout, finishes", [("60", True), ("0.2", False)])
+def test_sigterm_drains_then_exits_0(pair, shutdown_timeout, finishes):
+    """SIGTERM: new requests get 503 with Retry-After, a running stream finishes (or, past
+    --shutdown-timeout, is aborted and ends), and the process exits 0 with nothing left running."""
+    import threading
+
+    port = _free_port()
+    proc = _start_serve(pair, port, "--shutdown-timeout", shutdown_timeout)
+    url, lines, started = f"http://127.0.0.1:{port}", [], threading.Event()
+
+    def stream():
+        body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 800, "ignore_eos": True, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                started.set()
+                if line:
+                    lines.append(line)
+
+    reader = threading.Thread(target=stream)
+    try:
+        reader.start()
+        assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        refused = None
+        for _ in range(100):  # the signal is handled between the server's polls
+            refused = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": [5], "max_tokens": 2},
+                                 timeout=10)
+            if refused.status_code == 503:
+                break
+            time.sleep(0.05)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "shutting down" in refused.json()["error"]["message"]
+        reader.join(120)
+        assert not reader.is_alive()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    if finishes:
+        assert lines[-1] == "data: [DONE]"
+        assert reasons == ["length"] and sum(len(c["choices"][0]["text"]) > 0 for c in chunks) > 0
+    else:
+        assert reasons != ["length"], "the stream must have been cut short by the shutdown timeout"

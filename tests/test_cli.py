@@ -216,3 +216,48 @@ def test_the_process_exits_1_with_one_line_on_stderr():
                           "--device", "cpu", "--threads", "0", "Hi"], capture_output=True, text=True)
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == ["error: --threads must be at least 1, got 0"]
+
+
+def test_engine_options_come_from_engine_config(pair, monkeypatch):
+    """Every EngineConfig field the command line offers is an option of every engine command, with the
+    field's help; given options reach the Engine, others keep EngineConfig's defaults; options a command
+    sets itself are not offered there."""
+    import dataclasses
+
+    from rstitch_engine.engine_config import EngineConfig
+
+    offered = [f for f in dataclasses.fields(EngineConfig) if f.metadata["cli"] is not None]
+    assert {"max_num_seqs", "block_size", "overlap", "gpu_memory_utilization", "max_num_batched_tokens"} <= {
+        f.name for f in offered}
+    parser = build_parser()
+    serve = parser.parse_args(["serve", "--llm", "x"])
+    for f in offered:
+        assert hasattr(serve, f.name) and getattr(serve, f.name) is None, f.name  # None: EngineConfig decides
+    helptext = subprocess.run([sys.executable, "-m", "rstitch_engine", "serve", "--help"], capture_output=True,
+                              text=True).stdout
+    assert "--no-optimistic-llm" in helptext and "tokens per KV block (default: 16)" in helptext
+    calibrate = parser.parse_args(["calibrate", "--llm", "x", "--out", "o.json"])
+    assert not hasattr(calibrate, "max_num_seqs")  # the grid's batch sizes set it
+    built = []
+    monkeypatch.setattr("rstitch_engine.Engine", lambda **kw: built.append(kw))
+    args = parser.parse_args(["serve", "--slm", str(pair[0]), "--llm", str(pair[1]), "--device", "cpu",
+                              "--block-size", "8", "--max-num-seqs", "3", "--no-optimistic-llm",
+                              "--llm-batch-share", "0.5"])
+    cli_args.make_engine(args)
+    assert built[-1] == dict(slm=str(pair[0]), llm=str(pair[1]), device="cpu", block_size=8, max_num_seqs=3,
+                             optimistic_llm=False, llm_batch_share=0.5, progress=True)
+    EngineConfig(**{k: v for k, v in built[-1].items()})  # a valid config
+
+
+def test_train_router_options_default_to_dapo_config():
+    """`rstitch train-router` reads its DAPO defaults from DapoConfig, the one home train_router also uses."""
+    import dataclasses
+
+    from rstitch_engine.router.commands import DAPO_OPTIONS
+    from rstitch_engine.router.dapo import DapoConfig
+
+    args = build_parser().parse_args(["train-router", "--latency", "l.json", "--tau", "0.05", "--out", "o",
+                                      "--synthetic", "4"])
+    settings = {name: getattr(args, name) for name, _, _ in DAPO_OPTIONS}
+    assert DapoConfig(**settings) == DapoConfig(tau=0.05)
+    assert {f.name for f in dataclasses.fields(DapoConfig)} >= set(settings)

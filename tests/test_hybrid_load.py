@@ -12,7 +12,7 @@ import pytest
 from rstitch_engine import Engine, SamplingParams, policies
 from rstitch_engine.bench import synthetic_prompts
 from rstitch_engine.engine_config import LLM_BATCH_SHARE, LLM_MAX_WAIT
-from rstitch_engine.engine.step_loop import StepTiming
+from rstitch_engine.engine.core import StepTiming
 from rstitch_engine.evaluation.simulator import simulate
 from rstitch_engine.evaluation.step_cost import ModelCost, StepCost
 from rstitch_engine.protocol import LLM, SLM
@@ -85,7 +85,7 @@ def test_step_cost_fit_recovers_known_costs():
             tokens = rows + int(rng.integers(0, 3)) * int(rng.integers(0, 8))
             shapes.append((m, rows, tokens, int(rng.integers(rows * 10, rows * 300))))
         wall = made_up.step_ms(shapes) / 1e3
-        timings += [StepTiming(step, *shape, made_up.model_ms(*shape) / 1e3, wall) for shape in shapes]
+        timings += [StepTiming(step, *shape, shape[1], made_up.model_ms(*shape) / 1e3, wall) for shape in shapes]
     cost = StepCost.fit(timings, bounds=(4, 10))
     for m in (SLM, LLM):
         for got, want in zip(cost.models[m], truth[m], strict=True):

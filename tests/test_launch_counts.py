@@ -71,7 +71,7 @@ def _steps(eng, counter, runs):
     """{(model, (rows, span) of the graph): launches of the last step that replayed it} over `runs`, a list of
     (policy, prompts, max_tokens); the last step of a key is the steady state (allocations done)."""
     steps = {}
-    for model, runner in eng.runtime.runners.items():
+    for model, runner in eng.core.executor.worker.runners.items():
         def replay(key, model=model, original=runner.graphs.replay):
             start = len(counter.launches)
             with counter:
@@ -98,7 +98,7 @@ def engine(pair):
 
 @pytest.mark.parametrize("rows", [1, 2])
 def test_kernels_per_step(engine, counted, rows):
-    layers = {m: len(r.weights.layers) for m, r in engine.runtime.runners.items()}
+    layers = {m: len(r.weights.layers) for m, r in engine.core.executor.worker.runners.items()}
     prompts = [[5, 17, 200, 9], [40, 41, 42, 43, 44]][:rows]
     steps = _steps(engine, counted, [(policies.SLMOnly(), prompts, 3), (policies.LLMOnly(), prompts, 3),
                                      (policies.RStitch(tau=0.72), prompts[:1], 10)])  # short catch-up extends
@@ -130,8 +130,8 @@ def test_one_copy_each_way_per_model_and_step(engine):
     """The plan goes up in one copy and the results come back in one, per model and step; block-table
     updates, on the steps that allocate a block, in one more."""
     counter, per_step, updates = CopyCounter(), [], []
-    loop = engine.runtime.loop
-    for runner in engine.runtime.runners.values():
+    core, worker = engine.core, engine.core.executor.worker
+    for runner in worker.runners.values():
         def replay(key, original=runner.graphs.replay):
             counter.paused = True
             try:
@@ -139,7 +139,7 @@ def test_one_copy_each_way_per_model_and_step(engine):
             finally:
                 counter.paused = False
         runner.graphs.replay = replay
-    apply_updates, step = loop.tables.apply_updates, loop.step
+    apply_updates, step = worker.tables.apply_updates, core.step
 
     def counted_updates(host_updates, capacity):
         updates.append(int(host_updates[0]) > 0)
@@ -152,7 +152,7 @@ def test_one_copy_each_way_per_model_and_step(engine):
         per_step.append((counter.copies - before, sum(updates[n_updates:])))
         return events
 
-    loop.tables.apply_updates, loop.step = counted_updates, counted_step
+    worker.tables.apply_updates, core.step = counted_updates, counted_step
     engine.generate([[5, 17, 200, 9]], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
                     policies.SLMOnly(), use_tqdm=False)
     decode_steps = per_step[1:]  # after the prompt's step, one model decodes per step

@@ -111,7 +111,7 @@ def test_sampled_speculative_decoding_with_every_k(issue_pair):
 
 # ---- 3. NaN is detected whatever the attention backend does with it ------------------------------------------
 def _poison(eng, model, where, token):
-    w = eng.runtime.runners[model].weights
+    w = eng.core.executor.worker.runners[model].weights
     assert w.lm_head.data_ptr() != w.embed.data_ptr(), "tied embeddings would put the NaN into the logits"
     target = w.embed[token] if where == "embed" else w.layers[0].qkv[0]  # one q_proj output row
     saved = target.clone()
@@ -218,7 +218,7 @@ def test_argument_checks(engine, tiny):
     bare = Engine(llm=tiny("llama", vocab_size=50), device="cpu", kv_cache_gb=0.01)
     with pytest.raises(ValueError, match="stop strings .* need a tokenizer"):
         bare.generate([[1, 2, 3]], SamplingParams(max_tokens=4, stop="x"), use_tqdm=False)
-    assert bare.num_free_blocks == bare.runtime.scheduler_config.num_blocks
+    assert bare.num_free_blocks == bare.core.scheduler_config.num_blocks
 
 
 def test_a_lone_llm_row_does_not_wait_for_a_batch_that_cannot_form(pair):
@@ -227,10 +227,10 @@ def test_a_lone_llm_row_does_not_wait_for_a_batch_that_cannot_form(pair):
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     for prompts, policy in (([[7, 8, 9]], policies.LLMOnly()), ([[7, 8, 9], [5, 6]], policies.LLMOnly()),
                             ([[7, 8, 9], [5, 6]], [policies.LLMOnly(), policies.SLMOnly()])):
-        before = eng.loop.next_step
+        before = eng.core.next_step
         outs = eng.generate(prompts, params, policy, use_tqdm=False)
         assert all(len(o.token_ids) == 8 for o in outs)
-        assert eng.loop.next_step - before <= 20, "rows must not spin on empty steps"
+        assert eng.core.next_step - before <= 20, "rows must not spin on empty steps"
 
 
 # ---- randomized: good and bad requests mixed ----------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_numpy_prompts_bool_fields_and_engine_limits(engine):
     for field in ("ignore_eos", "skip_special_tokens"):
         with pytest.raises(ValueError, match=f"{field} must be True or False"):
             SamplingParams(**{field: "no"})
-    rows = engine.runtime.scheduler_config.max_logits_rows
+    rows = engine.core.scheduler_config.max_logits_rows
     with pytest.raises(ValueError, match=f"k \\+ 1 = {rows + 1} rows .* max_logits_rows of {rows}"):
         engine.generate([[7, 8, 9]], GREEDY, policies.SpecDecode(k=rows), use_tqdm=False)
     with pytest.raises(ValueError, match="got dict"):

@@ -29,7 +29,7 @@ def test_emulated_graphs_match_eager(pair, reference_outputs):
     eng = Engine(slm=pair[0], llm=pair[1], device="cpu", block_size=4, kv_cache_gb=0.01, cuda_graphs="emulate",
                  overlap=True)
     replays = []
-    for runner in eng.runtime.runners.values():
+    for runner in eng.core.executor.worker.runners.values():
         original = runner.graphs.replay
         runner.graphs.replay = lambda key, original=original: (replays.append(key), original(key))
     for p in POLICIES:
@@ -54,10 +54,10 @@ def test_emulated_graph_variants_match_eager(pair):
             (GREEDY, policies.RStitchPlus(router=routers[0], tau=0.5)),
             (GREEDY, policies.RStitchPlus(router=routers[1], tau=0.5))]
     replayed = []
-    for runner in graphs.runtime.runners.values():
+    for runner in graphs.core.executor.worker.runners.values():
         original = runner.graphs.replay
         runner.graphs.replay = lambda key, original=original: (replayed.append(key[2]), original(key))
-    slm_graphs = graphs.runtime.runners[SLM].graphs.graphs
+    slm_graphs = graphs.core.executor.worker.runners[SLM].graphs.graphs
     for i, (params, policy) in enumerate(runs):
         if i == len(runs) - 1:
             first_router = {k: v for k, v in slm_graphs.items() if k[2].router}
@@ -114,7 +114,7 @@ def test_extend_padding_places_each_rows_tokens_last(pair):
     from rstitch_engine.engine.plan import HostPlan
 
     eng = Engine(slm=pair[0], llm=pair[1], device="cpu", block_size=4, kv_cache_gb=0.01)
-    host = HostPlan(eng.sched, pin=False)
+    host = HostPlan(eng.core.layout, pin=False)
     v = host.views
     v.query_start_loc[:3] = [0, 3, 4]
     v.input_ids[:4], v.positions[:4], v.slot_mapping[:4] = [11, 12, 13, 21], [5, 6, 7, 9], [50, 51, 52, 60]
@@ -137,7 +137,7 @@ def test_verify_padding_moves_every_logits_row_with_its_token(pair):
     from rstitch_engine.engine.plan import HostPlan
 
     eng = Engine(slm=pair[0], llm=pair[1], device="cpu", block_size=4, kv_cache_gb=0.01)
-    host = HostPlan(eng.sched, pin=False)
+    host = HostPlan(eng.core.layout, pin=False)
     v = host.views
     v.query_start_loc[:3] = [0, 3, 5]
     v.positions[:5], v.slot_mapping[:5] = [5, 6, 7, 9, 10], [50, 51, 52, 60, 61]

@@ -85,6 +85,19 @@ def test_routing_field_and_routing_stats(client, engine):
         assert stats["switches_to_llm"] == ref.stats["switches_to_llm"]
         assert stats["llm_share"] == pytest.approx(ref.stats["llm_tokens"] / len(ref.token_ids))
         assert stats["drafted"] == ref.stats["drafted"] and stats["accepted"] == ref.stats["accepted"]
+        if name.startswith("spec"):  # vLLM's per-request speculative decoding metrics
+            spec = body["metrics"]["speculative_decoding"]
+            assert spec["num_draft_tokens"] == ref.stats["drafted"] > 0
+            assert spec["num_drafts"] == ref.stats["verify_steps"]
+            assert spec["acceptance_rate"] == pytest.approx(ref.stats["accepted"] / ref.stats["drafted"])
+            mean_length = 1 + ref.stats["accepted"] / ref.stats["verify_steps"]
+            assert spec["mean_acceptance_length"] == pytest.approx(mean_length)
+            chunks = list(client.completions.create(model=MODEL, prompt=[7, 8, 9], max_tokens=16, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True},
+                                                    extra_body={"rstitch": {"policy": name}}))
+            assert chunks[-1].model_dump()["metrics"]["speculative_decoding"] == spec  # the usage chunk
+        else:
+            assert "metrics" not in body
     fields = client.completions.create(model=MODEL, prompt=[7, 8, 9], max_tokens=16, temperature=0,
                                        extra_body={"rstitch": {"policy": "rstitch", "tau": 0.5}})
     grammar = client.completions.create(model=MODEL, prompt=[7, 8, 9], max_tokens=16, temperature=0,
@@ -286,7 +299,7 @@ def test_nan_fails_alone_max_waiting_and_a_dead_step_loop(nan_pair):
         def broken_step():
             raise RuntimeError("device lost")
 
-        eng.loop.step = broken_step
+        eng.core.step = broken_step
         r = httpx.post(s.url + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 4}, timeout=60)
         assert r.status_code == 503 and "device lost" in r.json()["error"]["message"]
         health = httpx.get(s.url + "/health")
@@ -310,3 +323,77 @@ def test_rstitch_plus_uses_the_router_the_server_loaded(engine, tmp_path):
         other = httpx.post(s.url + "/v1/completions", json={**body, "rstitch": {"policy": "rstitch+",
                                                                               "router": "elsewhere.safetensors"}})
         assert other.status_code == 400 and "not loaded" in other.json()["error"]["message"]
+
+
+def test_api_key_guards_v1_and_leaves_health_and_metrics_open(engine, monkeypatch):
+    """--api-key: /v1/* needs 'Authorization: Bearer KEY' (401 in OpenAI's error shape without it or with
+    another key); /health and /metrics stay open; the OpenAI client with the key works."""
+    from rstitch_engine.serving import is_loopback
+
+    key = "sk-test-7f3a"
+    with ServerThread(engine, ServerConfig(MODEL, policies.LLMOnly(), api_key=key)) as s:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key},
+                        {"Authorization": f"Bearer {key}x"}):
+            for method, path, kw in (("POST", "/v1/completions", {"json": body}), ("GET", "/v1/models", {})):
+                r = httpx.request(method, s.url + path, headers=headers, **kw)
+                assert r.status_code == 401, (headers, path)
+                assert r.json()["error"]["type"] == "AuthenticationError" and "API key" in r.json()["error"]["message"]
+        assert httpx.get(s.url + "/health").status_code == 200
+        assert httpx.get(s.url + "/metrics").status_code == 200
+        r = httpx.post(s.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        authed = openai.OpenAI(base_url=s.url + "/v1", api_key=key)
+        assert authed.models.list().data[0].id == MODEL
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="nope").models.list()
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")
+
+
+def test_serve_warns_without_a_key_off_the_loopback_and_reads_the_key_from_the_environment(pair, monkeypatch,
+                                                                                           capsys):
+    """`rstitch serve` on a non-loopback host without a key warns; RSTITCH_API_KEY gives the key."""
+    from rstitch_engine import cli
+
+    served = []
+    monkeypatch.setattr("rstitch_engine.serving.server.serve", lambda engine, config, **kw: served.append((config, kw)))
+    args = ["serve", "--slm", str(pair[0]), "--llm", str(pair[1]), "--kv-cache-gb", "0.01"]
+    cli.main(args + ["--host", "0.0.0.0"])
+    assert "without an API key" in capsys.readouterr().err and served[-1][0].api_key is None
+    monkeypatch.setenv("RSTITCH_API_KEY", "from-env")
+    cli.main(args + ["--host", "0.0.0.0"])
+    assert "without an API key" not in capsys.readouterr().err and served[-1][0].api_key == "from-env"
+    cli.main(args + ["--api-key", "given"])
+    assert served[-1][0].api_key == "given" and served[-1][1]["host"] == "127.0.0.1"
+
+
+def test_body_limit_and_request_timeout(engine, monkeypatch):
+    """A body over max_request_bytes is a 413 (declared or chunked); a request running past
+    request_timeout_s is aborted, its blocks freed, and answered 408 (an error event once streaming)."""
+    import time as clock
+
+    free = engine.num_free_blocks
+    config = ServerConfig(MODEL, policies.LLMOnly(), max_request_bytes=300, request_timeout_s=0.5)
+    with ServerThread(engine, config) as s:
+        small = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(s.url + "/v1/completions", json=small).status_code == 200
+        big = {**small, "prompt": "x" * 400}
+        r = httpx.post(s.url + "/v1/completions", json=big)
+        assert r.status_code == 413 and "--max-request-bytes" in r.json()["error"]["message"]
+        chunked = httpx.post(s.url + "/v1/completions", content=iter([json.dumps(big).encode()]))  # no length
+        assert chunked.status_code == 413
+        step = engine.step
+        monkeypatch.setattr(engine, "step", lambda: (clock.sleep(0.05), step())[1])  # >= 5 s for 100 tokens
+        slow = {"model": MODEL, "prompt": "hi", "max_tokens": 100, "ignore_eos": True}
+        r = httpx.post(s.url + "/v1/completions", json=slow, timeout=60)
+        assert r.status_code == 408 and r.json()["error"]["type"] == "TimeoutError"
+        events = [line for line in httpx.post(s.url + "/v1/completions", json={**slow, "stream": True},
+                                              timeout=60).text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["type"] == "TimeoutError"
+        monkeypatch.setattr(engine, "step", step)
+        for _ in range(100):  # the aborts reach the step thread at its next step
+            if engine.num_free_blocks == free:
+                break
+            clock.sleep(0.05)
+        assert engine.num_free_blocks == free

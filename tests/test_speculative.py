@@ -97,7 +97,7 @@ def test_sampled_speculative_decoding_follows_the_llm_distribution(tiny, tempera
     assert _chi_square_p(spec, joint) > 1e-3
     slm_only, _ = counts(policies.SLMOnly())
     assert _chi_square_p(slm_only, joint) < 1e-6, "the test must be able to tell the SLM's distribution apart"
-    assert eng.num_free_blocks == eng.runtime.scheduler_config.num_blocks
+    assert eng.num_free_blocks == eng.core.scheduler_config.num_blocks
 
 
 @pytest.mark.demo_pair
@@ -118,3 +118,29 @@ def test_greedy_speculative_decoding_is_llm_only_on_the_real_pair():
         outs = engine.chat(messages, params, policy=policies.SpecDecode(k=k), use_tqdm=False)
         assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
         assert all(o.stats["accepted"] > 0 for o in outs)
+
+
+def test_sampled_speculation_joins_a_running_batch(close_pair):
+    """With overlap a step is in flight between Engine.step calls: a sampled speculative request joins the
+    running batch whether its drafts fit the draft-logits buffer or it must grow (the engine then finishes
+    the in-flight step first and delivers its tokens)."""
+    eng = Engine(slm=close_pair[0], llm=close_pair[1], device="cpu", dtype="float32", block_size=4,
+                 kv_cache_gb=0.02, overlap=True)
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=3)
+    eng.generate([PROMPTS[0]], sampled, policies.SpecDecode(k=3), use_tqdm=False)  # the buffer holds 3 drafts
+    free, seen = eng.num_free_blocks, []
+    running = eng.add_requests([PROMPTS[1]], [SamplingParams(max_tokens=12, temperature=0.0)], [policies.LLMOnly()],
+                               seen.append)
+    joined = []
+    for prompt, k in ((PROMPTS[2], 2), (PROMPTS[3], 5)):
+        eng.step()
+        assert eng.core.inflight, "the test needs a step in flight"
+        joined += eng.add_requests([prompt], [sampled], [policies.SpecDecode(k=k)], seen.append)
+    assert eng.core.draft_k == 5
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert [o.finish_reason for o in running + joined] == ["length"] * 3
+    assert all(o.stats["verify_steps"] > 0 for o in joined) and eng.num_free_blocks == free
+    alone = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0.0), policies.LLMOnly(),
+                         use_tqdm=False)
+    assert running[0].token_ids == alone[0].token_ids  # the drained step's tokens all reached the request

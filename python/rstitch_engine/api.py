@@ -20,9 +20,8 @@ from tqdm.auto import tqdm
 from . import _C
 from .config import CheckpointError, ModelConfig
 from .engine_config import EngineConfig
-from .loader import load_weights
 from .outputs import RequestOutput
-from .random_models import random_config, random_weights
+from .random_models import random_config
 from .policies import LLMOnly, Policy, RStitch, RStitchPlus, SLMOnly, SpecDecode
 from .protocol import LLM, SLM, Model
 from .sampling_params import SamplingParams, scheduler_seed
@@ -37,7 +36,7 @@ class Engine:
 
     def __init__(self, llm: str | Path | None = None, slm: str | Path | None = None, *,
                  config: EngineConfig | None = None, **options):
-        from rstitch_engine.engine.runtime import Runtime
+        from rstitch_engine.engine.core import EngineCore
 
         from .model_source import resolve_model
 
@@ -59,16 +58,16 @@ class Engine:
         self.tokenizer = self._tokenizer()
         self.vocab_limit = self._vocab_limit()
         self.eos_ids = self._eos_ids()
-        weights = {m: load_weights(p, self.configs[m], self.dtype, self.device) if p is not None
-                   else random_weights(self.configs[m], self.dtype, self.device, seed=config.seed + m)
-                   for m, p in self.paths.items()}
-        self.runtime = Runtime(config, self.configs, weights, vocab_limit=self.vocab_limit,
+        self.core = EngineCore(config, self.configs, self.paths, vocab_limit=self.vocab_limit,
                                max_model_len=self._max_model_len(config.max_model_len))
-        self.max_model_len = self.runtime.max_model_len
-        self.sched, self.loop = self.runtime.sched, self.runtime.loop
+        self.max_model_len = self.core.max_model_len
+        self.sched = self.core.sched
         self._rng = random.Random(config.seed)
         self._next_id = 0
-        self._lock = threading.RLock()  # the scheduler, the device and the tokenizer: one thread at a time
+        self._lock = threading.RLock()  # the scheduler and the device: one thread at a time
+        # The tokenizer (HF's fast tokenizers refuse concurrent use): its own lock, so that a request is
+        # tokenized while a step runs. Lock order: _lock, then _tokenizer_lock.
+        self._tokenizer_lock = threading.Lock()
         self._live: dict[int, _Live] = {}  # scheduler id -> request
         self._router_key = None
         self.default_policy: Policy = RStitch() if len(self.paths) == 2 else (
@@ -178,7 +177,7 @@ class Engine:
         if missing:
             raise ValueError(f"policy {policy.name!r} needs the {' and the '.join(missing)}, which this engine "
                              f"did not load (Engine(slm=..., llm=...))")
-        verify_rows = self.runtime.scheduler_config.max_logits_rows
+        verify_rows = self.core.scheduler_config.max_logits_rows
         if isinstance(policy, SpecDecode) and policy.k + 1 > verify_rows:
             raise ValueError(f"policy {policy.name!r}: k + 1 = {policy.k + 1} rows per verification exceed this "
                              f"engine's max_logits_rows of {verify_rows} (EngineConfig)")
@@ -210,7 +209,7 @@ class Engine:
             warnings.warn(f"the R-Stitch+ router was trained on the SLM in {router.trained_dtype}; this engine runs "
                           f"it in {dtype_name(self.dtype)}, so its decisions may differ from training's "
                           f"(load the pair with dtype={router.trained_dtype!r} to match)", stacklevel=3)
-        self.runtime.runners[SLM].set_router(router.to(self.device).on_device(p.temperature))
+        self.core.executor.collective_rpc("install_router", router, p.temperature)
         self._router_key = key
 
     # ---- the online core: requests join between steps, one step loop serves every caller ---------------------
@@ -232,8 +231,8 @@ class Engine:
                                  f"none: use stop_token_ids")
         for p in set(policies):
             self._check_policy(p)
+        encoded = [self._encode(p) for p in prompts]
         with self._lock:
-            encoded = [self._encode(p) for p in prompts]
             specs = [self._spec(ids, sp, pol) for (_, ids), sp, pol in zip(encoded, params, policies)]
             self._install_router([p for p in set(policies) if isinstance(p, RStitchPlus)])
             now = time.monotonic()
@@ -256,8 +255,9 @@ class Engine:
                     text = TextStream(self.tokenizer, sp.stop_strings, sp.skip_special_tokens) \
                         if self.tokenizer is not None and (sp.stop_strings or stream_text) else None
                     self._live[spec.id] = _Live(out, sp, text, sink, isinstance(pol, RStitchPlus))
-                if draft_k:
-                    self.loop.ensure_draft_logits(draft_k, self.vocab_limit, self.dtype)
+                if draft_k > self.core.draft_k:  # the draft buffers grow only with no step in flight
+                    self._deliver(self.core.drain(), time.monotonic())
+                    self.core.ensure_draft_logits(draft_k, self.dtype)
             except BaseException:
                 self._abort(added)
                 raise
@@ -270,7 +270,7 @@ class Engine:
         """Runs one step of the shared loop and delivers what it committed to each request's sink."""
         with self._lock:
             started = time.monotonic()
-            self._deliver(self.loop.step(), started)
+            self._deliver(self.core.step(), started)
 
     def abort_requests(self, outputs: list[RequestOutput]) -> None:
         """Finishes these requests (the outputs add_requests returned; finish_reason "abort") and returns
@@ -288,14 +288,16 @@ class Engine:
             live.output.metrics.setdefault("first_token_time", now)
             delta = ""
             if live.text is not None:
-                delta, stopped = live.text.push(tokens)
+                with self._tokenizer_lock:
+                    delta, stopped = live.text.push(tokens)
                 if stopped:
                     self.sched.finish_stop(rid)
             live.sink(StreamOutput(live.output.request_id, tokens, sources, entropies, delta, now))
         for rid in self.sched.take_finished():
             live = self._live.pop(rid)
             self._finish(rid, live, now)
-            rest = live.text.finish(live.output.text) if live.text is not None else ""
+            with self._tokenizer_lock:
+                rest = live.text.finish(live.output.text) if live.text is not None else ""
             live.sink(StreamOutput(live.output.request_id, text=rest, time=now, output=live.output))
 
     def _finish(self, rid: int, live: "_Live", now: float) -> None:
@@ -309,8 +311,9 @@ class Engine:
         out.trace = [tuple(t) for t in r["trace"]]
         out.routed = r["routed"]
         if self.tokenizer is not None:
-            out.text = cut_at_stop(self.tokenizer.decode(out.token_ids, skip_special_tokens=params.skip_special_tokens),
-                                   params.stop_strings)
+            with self._tokenizer_lock:
+                text = self.tokenizer.decode(out.token_ids, skip_special_tokens=params.skip_special_tokens)
+            out.text = cut_at_stop(text, params.stop_strings)
 
     def _abort(self, ids) -> None:
         """Finishes these requests and waits for in-flight steps (whose events still reach their requests'
@@ -320,7 +323,7 @@ class Engine:
                 self.sched.abort(rid)
             except IndexError:  # refused at admission, or released already
                 pass
-        self._deliver(self.loop.drain(), time.monotonic())
+        self._deliver(self.core.drain(), time.monotonic())
 
     # ---- offline: clients of the online core ---------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -383,7 +386,7 @@ class Engine:
         if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         _check_conversations(conversations)
-        with self._lock:  # the tokenizer is not used from two threads at once
+        with self._tokenizer_lock:
             return [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True,
                                                        **chat_template_kwargs) for c in conversations]
 
@@ -401,20 +404,20 @@ class Engine:
 
     @contextlib.contextmanager
     def step_timings(self):
-        """Collects every step's StepTiming rows (engine/step_loop.py: rows, tokens, context, seconds per
-        model) while open: what evaluation/step_cost.py fits the step simulator's costs to."""
+        """Collects every step's StepTiming rows (engine/core.py: rows, tokens, context, logits rows, seconds
+        per model) while open: what evaluation/step_cost.py and router/calibrate.py fit their costs to."""
         with self._lock:
-            self.loop.timings = rows = []
+            self.core.timings = rows = []
         try:
             yield rows
         finally:
-            self.loop.timings = None
+            self.core.timings = None
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text` (chat prompts: add_special_tokens=False, the template has them). Thread-safe."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer: pass prompts as lists of token ids")
-        with self._lock:
+        with self._tokenizer_lock:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 
 from .policies import Forced, LLMOnly, Policy
-from .router.calibrate import timed_forwards
 from .switching import switching_stats
 from .sampling_params import SamplingParams
 
@@ -54,14 +52,12 @@ def time_policy(engine, prompts: list[list[int]], params: SamplingParams, policy
 
     _sync(engine)
     start = time.perf_counter()
-    # Per-forward wall times need no device sync on the CPU; on CUDA they would serialise the loop.
-    timing = timed_forwards(engine) if engine.device.type == "cpu" else nullcontext(None)
-    with timing as forwards:
+    with engine.step_timings() as steps:  # each model's time per step, measured by the loop anyway: no sync
         outs = engine.generate(prompts, params, _per_request(policy, len(prompts)), use_tqdm=False,
                                on_tokens=stamp)
     _sync(engine)
     wall = time.perf_counter() - start
-    switching = switching_stats(outs, forwards)
+    switching = switching_stats(outs, steps)
     tokens = sum(len(o.token_ids) for o in outs)
     latencies = [o.stats["latency_s"] for o in outs]
     total = lambda key: sum(o.stats[key] for o in outs)  # noqa: E731
@@ -91,6 +87,31 @@ def run_bench(engine, prompts: list[list[int]], policies: list[Policy], params: 
     for r in rows:
         r["tok_s_vs_llm"] = r["tok_s"] / base["tok_s"] if base else None
     return rows
+
+
+def copy_bandwidth(device: torch.device | str, num_bytes: int | None = None) -> float:
+    """Bytes read plus written per second by a large copy on `device` (median of 10 after 2 warm-ups; CUDA
+    events on a GPU): the measured bandwidth every "% of roofline" in this repository divides by.
+    `num_bytes` defaults to 1 GiB on CUDA and 256 MiB on the CPU (past its caches)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = num_bytes or (2**30 if cuda else 2**28)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()  # NOTE: a measurement, outside any decode loop
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+    return 2 * n / statistics.median(times[2:])
 
 
 def synthetic_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .cli_args import (DEMO_PAIR, POLICY_GRAMMAR, HelpFormatter, chosen_policy, chosen_problems, cut_note, engine_args,
                        make_engine, policy_args, problem_args, sampling_args, sampling_params)
+from .serving import MAX_REQUEST_BYTES, SHUTDOWN_TIMEOUT_S
 
 
 def stats_line(out) -> str:
@@ -187,14 +189,21 @@ def cmd_bench(args) -> None:
 
 def cmd_serve(args) -> None:
     from .serving.app import ServerConfig
+    from .serving import API_KEY_ENV, is_loopback
     from .serving.server import serve
 
-    engine = make_engine(args, max_num_seqs=args.max_num_seqs)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key is None and not is_loopback(args.host):
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches it can use it "
+              f"(--api-key or {API_KEY_ENV})", file=sys.stderr)
+    engine = make_engine(args)
     policy = chosen_policy(args, engine)
     name = args.served_model_name or str(args.llm or args.slm)
     print(f"serving {name!r} with policy {policy.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    serve(engine, ServerConfig(name, policy, max_waiting=args.max_waiting, router=args.router), host=args.host,
-          port=args.port, log_level=args.log_level)
+    config = ServerConfig(name, policy, max_waiting=args.max_waiting, router=args.router, api_key=api_key,
+                          max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout)
+    serve(engine, config, host=args.host, port=args.port, log_level=args.log_level,
+          shutdown_timeout=args.shutdown_timeout)
 
 
 def cmd_bench_serve(args) -> None:
@@ -252,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128, help="length of random prompts")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--out", help="folder for bench.json, bench.md, bench.png (default: print the table only)")
-    engine_args(p)
+    engine_args(p, skip=("max_num_seqs",))    # the batch is --num-prompts
     sampling_args(p, max_tokens=256)
     p.set_defaults(func=cmd_bench)
     from .serving.bench_serve import add_arguments as bench_serve_arguments
@@ -276,12 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Each request may choose its routing with a \"rstitch\" body field (README, "
                                    "'Serving'); --policy is the default.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every /v1/ request "
+                                                    "(default: the RSTITCH_API_KEY environment variable, which "
+                                                    "keeps the key out of process listings; unset: open)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", metavar="NAME", help="the model name clients use (default: --llm, "
                                                                "else --slm)")
     p.add_argument("--max-waiting", type=int, metavar="N", help="answer 503 with Retry-After once N requests "
                                                                 "wait (default: no limit)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch at once")
+    p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES, metavar="N",
+                   help="answer 413 to request bodies larger than N bytes")
+    p.add_argument("--request-timeout", type=float, metavar="S", help="abort a request running longer than S "
+                                                                     "seconds and answer 408 (default: no limit)")
+    p.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT_S, metavar="S",
+                   help="on SIGTERM: refuse new requests (503), let running ones finish within S seconds, abort "
+                        "the rest, exit 0")
     p.add_argument("--router", help="R-Stitch+ router file (rstitch train-router) for requests with "
                                     "\"rstitch\": {\"policy\": \"rstitch+\"}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],

@@ -4,10 +4,11 @@ from them, torch's CPU thread count, and the help formatter that shows every def
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from .engine_config import LLM_BATCH_SHARE, LLM_MAX_WAIT
+from .engine_config import EngineConfig
 
 DEMO_PAIR = {"slm": "demo:slm", "llm": "demo:llm"}
 
@@ -42,30 +43,32 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def engine_args(p: argparse.ArgumentParser, demo_pair: bool = False) -> None:
-    """--slm/--llm and the runtime options. With demo_pair, the models default to the demo pair."""
+def engine_args(p: argparse.ArgumentParser, demo_pair: bool = False, skip: tuple[str, ...] = ()) -> None:
+    """--slm/--llm and every EngineConfig option the command line offers (its fields, help from their docs),
+    except `skip` (options the command sets itself), and --threads. With demo_pair, the models default to
+    the demo pair and the dtype to bfloat16."""
     g = p.add_argument_group("models and runtime")
     for role in ("slm", "llm"):
         g.add_argument(f"--{role}", default=DEMO_PAIR[role] if demo_pair else None, help=_MODEL_HELP[role])
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    if demo_pair:  # measured: the demo twice as fast in bfloat16 as in float32 on a CPU, same answer (README)
-        g.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16")
-    else:
-        g.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)")
-    g.add_argument("--kv-cache-gb", type=float, metavar="GB",
-                   help="KV-cache memory for both models' pools together, in GiB (default: 85%% of the free GPU "
-                        "memory less 2 GiB on CUDA, 1 GiB on the CPU); it bounds the longest sequence: "
-                        "--max-model-len is lowered to the tokens it holds")
-    g.add_argument("--max-model-len", type=int, metavar="TOKENS",
-                   help="longest sequence, prompt plus output, in tokens (default: the models' context length, "
-                        "lowered to what --kv-cache-gb holds)")
-    g.add_argument("--llm-batch-share", type=float, metavar="SHARE",
-                   help="park rows that need the LLM until this share of the requests that could need it are "
-                        f"ready (0: never park; default {LLM_BATCH_SHARE})")
-    g.add_argument("--llm-min-batch", type=int, metavar="ROWS",
-                   help="park rows that need the LLM until at least this many are ready (default 1)")
-    g.add_argument("--llm-max-wait", type=int, metavar="STEPS",
-                   help=f"the most steps a parked row waits for the LLM (default {LLM_MAX_WAIT})")
+    kinds = {"int": int, "float": float}
+    for f in dataclasses.fields(EngineConfig):
+        cli = f.metadata["cli"]
+        if cli is None or f.name in skip:
+            continue
+        help = f.metadata["help"].replace("%", "%%")
+        if "default" not in help and f.default is not None:
+            help += f" (default: {f.default})"
+        flag = f"--{f.name.replace('_', '-')}"
+        if cli.get("flag"):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+            continue
+        default = None  # None: EngineConfig's own default
+        if f.name == "dtype" and demo_pair:  # measured: the demo twice as fast in bfloat16 on a CPU (README)
+            default, help = "bfloat16", help.replace("default: bfloat16 on CUDA, float32 on the CPU",
+                                                     "default here: bfloat16")
+        kind = next((t for name, t in kinds.items() if str(f.type).startswith(name)), None)
+        g.add_argument(flag, type=kind, default=default, choices=cli.get("choices"), metavar=cli.get("metavar"),
+                       help=help)
     g.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: the cores this process may use, less those the load "
                         "average shows busy; OMP_NUM_THREADS, when set, is left to decide)")
@@ -163,18 +166,16 @@ def apply_threads(requested: int | None, device) -> None:
 
 
 def make_engine(args, require_model: bool = True, **overrides):
-    """The engine of the common options (--slm, --llm, --device, ...); `overrides` replace or add Engine
-    keyword arguments."""
+    """The engine of the command's options (--slm, --llm and the EngineConfig ones it was given); `overrides`
+    replace or add Engine keyword arguments."""
     from . import Engine
 
     if require_model and not (args.llm or args.slm):
         sys.exit("error: give --llm and/or --slm")
-    kwargs = dict(llm=args.llm, slm=args.slm, device=args.device, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb,
-                  max_model_len=args.max_model_len, progress=True)
-    kwargs.update({name: getattr(args, name) for name in ("llm_batch_share", "llm_min_batch", "llm_max_wait")
-                   if getattr(args, name, None) is not None})
-    kwargs.update(overrides)
-    apply_threads(getattr(args, "threads", None), kwargs["device"])
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+              if getattr(args, f.name, None) is not None}
+    kwargs.update(progress=True, **overrides)
+    apply_threads(getattr(args, "threads", None), kwargs.get("device"))
     return Engine(**kwargs)
 
 

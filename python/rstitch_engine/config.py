@@ -5,6 +5,7 @@ one error naming the file and the field, not deep inside the loader, the tokeniz
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": (False, True),
 }
 ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float32, "auto": torch.bfloat16}
+# a checkpoint's config.json dtype ("torch_dtype" / "dtype") -> the dtype its weights are taken to have
+CHECKPOINT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                     "float64": torch.float32, "auto": torch.bfloat16}
 _REQUIRED = object()
 
 
@@ -58,6 +60,22 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return 2 * self.num_layers * self.kv_size * dtype.itemsize
+
+    def shard(self, size: int) -> "ModelConfig":
+        """The shapes one of `size` tensor-parallel ranks holds: its share of the attention heads and of the
+        MLP's intermediate width; KV heads split too, or, when there are fewer than ranks, each rank keeps
+        the one its query heads read (replicated). Raises ValueError naming what does not divide."""
+        if size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {size}")
+        for name, value in (("attention heads", self.num_heads), ("intermediate_size", self.intermediate_size)):
+            if value % size:
+                raise ValueError(f"tensor_parallel_size {size} does not divide the model's {value} {name}")
+        if self.num_kv_heads % size and size % self.num_kv_heads:
+            raise ValueError(f"tensor_parallel_size {size} neither divides the model's {self.num_kv_heads} KV heads "
+                             f"nor is a multiple of them")
+        return dataclasses.replace(self, num_heads=self.num_heads // size,
+                                   num_kv_heads=max(1, self.num_kv_heads // size),
+                                   intermediate_size=self.intermediate_size // size)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelConfig":
@@ -260,6 +278,6 @@ def _dtype(raw: dict, source: str) -> torch.dtype:
     name = raw.get(key)
     if name is None:
         return torch.bfloat16
-    if not isinstance(name, str) or name.removeprefix("torch.") not in DTYPES:
-        raise CheckpointError(f"{source}: {key} must be one of {', '.join(DTYPES)}, not {name!r}")
-    return DTYPES[name.removeprefix("torch.")]
+    if not isinstance(name, str) or name.removeprefix("torch.") not in CHECKPOINT_DTYPES:
+        raise CheckpointError(f"{source}: {key} must be one of {', '.join(CHECKPOINT_DTYPES)}, not {name!r}")
+    return CHECKPOINT_DTYPES[name.removeprefix("torch.")]

@@ -1,21 +1,22 @@
 """`EngineConfig`: every option of an `Engine`, its default, its validation, and its resolution against the
 device (defaults that depend on CUDA being there) and the models (the context length, the KV pool size).
 
-The runtime (`rstitch_engine.engine.runtime`) is built from a resolved config only; `Engine(**options)` and
-`Engine(config=EngineConfig(...))` are the same thing.
+The engine core (`rstitch_engine.engine.core`) and its workers are built from a resolved config only;
+`Engine(**options)` and `Engine(config=EngineConfig(...))` are the same thing.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .protocol import INT32_MAX
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+# the values of EngineConfig.dtype / --dtype
+DTYPE_OPTIONS = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}
 KERNELS = ("triton", "torch")
 CUDA_RESERVE_BYTES = 2 * 2**30  # left free beside the KV pools on CUDA: activations and graph pools
 CPU_KV_BUDGET_BYTES = 2**30  # the KV budget on the CPU when kv_cache_gb is not given
@@ -28,44 +29,62 @@ LLM_BATCH_SHARE = 0.75
 LLM_MAX_WAIT = 4
 
 
+def _option(default, help: str, cli: bool = True, **spelling):
+    """A field with its documentation (`help`, shown by every command's --help) and how the command line
+    spells it (`spelling`: `flag` for a --x / --no-x switch, `choices`, `metavar`); `cli=False` keeps it off
+    the command line."""
+    return field(default=default, metadata={"help": help, "cli": spelling if cli else None})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """llm / slm: a checkpoint directory, a .gguf file, a hub id, "demo:slm" / "demo:llm", or "random:<shape>".
+    """Every option of an Engine; each field's `help` says what it does and its default (`EngineConfig.help`),
+    and the `rstitch` commands offer each as --field-name (cli_args.engine_args)."""
+    llm: str | Path | None = _option(None, "large model: a checkpoint directory, a .gguf file, a hub id, "
+                                     "demo:llm, or random:<shape>", cli=False)
+    slm: str | Path | None = _option(None, "small model: the same kinds of names as llm", cli=False)
+    device: str | torch.device | None = _option(None, "cuda or cpu (default: cuda when available)")
+    dtype: str | torch.dtype | None = _option(None, "float32, bfloat16 or float16 (default: bfloat16 on CUDA, "
+                                              "float32 on the CPU)", choices=tuple(DTYPE_OPTIONS))
+    kv_cache_gb: float | None = _option(None, "KV-cache memory for both models' pools together, in GiB (default: "
+                                        "gpu_memory_utilization of the free GPU memory less 2 GiB on CUDA, 1 GiB "
+                                        "on the CPU); it bounds the longest sequence: max_model_len is lowered to "
+                                        "the tokens it holds", metavar="GB")
+    gpu_memory_utilization: float = _option(0.85, "on CUDA without kv_cache_gb: the share of the free GPU memory "
+                                            "(after the weights) the KV pools may take", metavar="SHARE")
+    max_model_len: int | None = _option(None, "longest sequence, prompt plus output, in tokens (default: the "
+                                        "models' context length, lowered to what kv_cache_gb holds)", metavar="TOKENS")
+    max_num_seqs: int = _option(64, "requests in the running batch at once", metavar="N")
+    max_num_batched_tokens: int = _option(2048, "new tokens per model per step; longer prompts are prefilled in "
+                                          "chunks", metavar="TOKENS")
+    max_logits_rows: int | None = _option(None, "logits rows per model per step (default: the smaller of "
+                                          "max_num_batched_tokens and 4 x max_num_seqs)", metavar="ROWS")
+    block_size: int = _option(16, "tokens per KV block", metavar="TOKENS")
+    overlap: bool | None = _option(None, "plan step t+1 before step t's results are read (default: on CUDA)",
+                                   flag=True)
+    optimistic_llm: bool = _option(True, "with overlap, dispatch rows as if the pending decisions kept their "
+                                   "model, fixing up those that flipped", flag=True)
+    llm_batch_share: float = _option(LLM_BATCH_SHARE, "park rows that need the LLM until this share of the "
+                                     "requests that could need it are ready (0: never park; docs/method.md, "
+                                     "'Scheduling the LLM under load'; the same rules decide every token)",
+                                     metavar="SHARE")
+    llm_min_batch: int = _option(1, "park rows that need the LLM until at least this many are ready", metavar="ROWS")
+    llm_max_wait: int = _option(LLM_MAX_WAIT, "the most steps a parked row waits for the LLM", metavar="STEPS")
+    kernels: str | None = _option(None, "triton or torch (default: Triton on CUDA, the torch references on the "
+                                  "CPU)", choices=KERNELS)
+    cuda_graphs: bool | str | None = _option(None, "capture decode steps as CUDA graphs (default: on CUDA; "
+                                             "'emulate' runs the same padded static-shape steps without capturing, "
+                                             "for tests on the CPU)", cli=False)
+    seed: int = _option(0, "seed of the engine's random state (requests without a seed, random weights)", cli=False)
+    progress: bool = _option(False, "show download and import progress", cli=False)
+    warm_up: bool | None = _option(None, "run the extend, decode and large-batch paths of each model once at "
+                                   "construction, so that Triton compiles them there and not inside a timed "
+                                   "request (default: on CUDA)", flag=True)
 
-    kv_cache_gb: KV memory for both pools together (default: `gpu_memory_utilization` of the free device
-    memory on CUDA, 1 GB on the CPU). max_model_len: context limit (default: the models' own, lowered to what
-    the KV budget holds for one request). max_num_batched_tokens: new tokens per model per step (longer
-    prompts are chunked). overlap: plan step t+1 before step t's results are read (default on CUDA).
-    kernels: "triton" or "torch" (default: Triton on CUDA, the torch references on the CPU). cuda_graphs:
-    capture decode steps (default on CUDA; "emulate" runs the same padded static-shape steps without
-    capturing, for tests on the CPU). llm_batch_share / llm_min_batch / llm_max_wait: park rows that need the
-    LLM until llm_batch_share of the live requests that could need it (and at least llm_min_batch) are ready,
-    or one has waited llm_max_wait steps, so that the LLM runs on fewer, fuller steps (docs/method.md,
-    'Scheduling the LLM under load'; the same rules decide every token; share 0 and min batch 1: off). warm_up: run the extend, decode
-    and large-batch paths of each model once at construction, so that Triton compiles them there and not
-    inside a timed request (default on CUDA).
-    """
-    llm: str | Path | None = None
-    slm: str | Path | None = None
-    device: str | torch.device | None = None
-    dtype: str | torch.dtype | None = None
-    kv_cache_gb: float | None = None
-    gpu_memory_utilization: float = 0.85
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_logits_rows: int | None = None
-    block_size: int = 16
-    overlap: bool | None = None
-    optimistic_llm: bool = True
-    llm_batch_share: float = LLM_BATCH_SHARE
-    llm_min_batch: int = 1
-    llm_max_wait: int = LLM_MAX_WAIT
-    kernels: str | None = None
-    cuda_graphs: bool | str | None = None
-    seed: int = 0
-    progress: bool = False
-    warm_up: bool | None = None
+    @staticmethod
+    def help(name: str) -> str:
+        """The documentation of field `name`."""
+        return next(f.metadata["help"] for f in dataclasses.fields(EngineConfig) if f.name == name)
 
     def __post_init__(self):
         if self.llm is None and self.slm is None:
@@ -98,10 +117,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
-        if self.dtype is not None and not isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPES)}")
-        if self.dtype is not None and isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPES.values():
-            raise ValueError(f"dtype {self.dtype} is not supported; use one of {sorted(DTYPES)}")
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPE_OPTIONS:
+            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPE_OPTIONS)}")
+        if self.dtype is not None and isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPE_OPTIONS.values():
+            raise ValueError(f"dtype {self.dtype} is not supported; use one of {sorted(DTYPE_OPTIONS)}")
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
@@ -124,7 +143,7 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         if self.dtype is None:
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        return self.dtype if isinstance(self.dtype, torch.dtype) else DTYPES[self.dtype]
+        return self.dtype if isinstance(self.dtype, torch.dtype) else DTYPE_OPTIONS[self.dtype]
 
     @property
     def on_cuda(self) -> bool:

@@ -131,14 +131,21 @@ class _Reader:
                 raise CheckpointError(f"{f}: tensor {name!r} has dtype {dtype}; weights must be floating point "
                                       f"({', '.join(sorted(_FLOAT_DTYPES))}) to be cast to {self.dtype}")
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], rows: slice | None = None,
+            cols: slice | None = None) -> torch.Tensor:
+        """The tensor `name` (of `shape`), or only its `rows` / `cols` (a tensor-parallel shard): read from the
+        file without the rest."""
         self.check({name: shape})
         f = self.where[name]
         try:
             # NOTE: a handle per tensor: closing it unmaps the file, so converting a bf16 checkpoint to fp32
             # never holds the whole file's pages resident beside the converted weights (peak RSS).
             with safe_open(str(f), framework="pt") as handle:
-                t = handle.get_tensor(name)
+                if rows is None and cols is None:
+                    t = handle.get_tensor(name)
+                else:
+                    part = handle.get_slice(name)
+                    t = part[rows] if cols is None else part[:, cols]
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{f}: tensor {name!r} cannot be read (corrupt file? {e})") from None
         self.used.add(name)
@@ -190,33 +197,46 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def load_weights(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> ModelWeights:
+def load_weights(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 shard: tuple[int, int] = (0, 1)) -> ModelWeights:
+    """The checkpoint's weights in the engine's packed layout; with `shard=(rank, size)`, only what that
+    tensor-parallel rank holds (ModelConfig.shard): its query and KV heads of q/k/v, its columns of o_proj,
+    its rows of gate/up and columns of down; norms, embedding and LM head whole."""
     path = Path(path)
     r = _Reader(path, dtype, device)
     if not cfg.tie_word_embeddings and not r.has("lm_head.weight"):
         raise CheckpointError(f"{path}: lm_head.weight is missing and the config does not tie it to the embedding")
     r.check(expected_tensors(cfg))  # every problem of shape or presence before any weight is read
     H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    rank, size = shard
+    mine = cfg.shard(size)
+    q = slice(rank * mine.q_size, (rank + 1) * mine.q_size)
+    kv_start = rank * cfg.num_kv_heads // size * D  # fewer KV heads than ranks: the one its query heads read
+    kv = slice(kv_start, kv_start + mine.kv_size)
+    mlp = slice(rank * mine.intermediate_size, (rank + 1) * mine.intermediate_size)
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        qkv = torch.cat([r.get(a + "q_proj.weight", (cfg.q_size, H)), r.get(a + "k_proj.weight", (cfg.kv_size, H)),
-                         r.get(a + "v_proj.weight", (cfg.kv_size, H))])
+        qkv = torch.cat([r.get(a + "q_proj.weight", (cfg.q_size, H), rows=q),
+                         r.get(a + "k_proj.weight", (cfg.kv_size, H), rows=kv),
+                         r.get(a + "v_proj.weight", (cfg.kv_size, H), rows=kv)])
         bias = None
         if cfg.qkv_bias:
-            bias = torch.cat([r.get(a + "q_proj.bias", (cfg.q_size,)), r.get(a + "k_proj.bias", (cfg.kv_size,)),
-                              r.get(a + "v_proj.bias", (cfg.kv_size,))])
+            bias = torch.cat([r.get(a + "q_proj.bias", (cfg.q_size,), rows=q),
+                              r.get(a + "k_proj.bias", (cfg.kv_size,), rows=kv),
+                              r.get(a + "v_proj.bias", (cfg.kv_size,), rows=kv)])
         layers.append(LayerWeights(
             input_norm=r.get(p + "input_layernorm.weight", (H,)),
             qkv=qkv,
             qkv_bias=bias,
             q_norm=r.get(a + "q_norm.weight", (D,)) if cfg.qk_norm else None,
             k_norm=r.get(a + "k_norm.weight", (D,)) if cfg.qk_norm else None,
-            o_proj=r.get(a + "o_proj.weight", (H, cfg.q_size)),
+            o_proj=r.get(a + "o_proj.weight", (H, cfg.q_size), cols=q),
             post_norm=r.get(p + "post_attention_layernorm.weight", (H,)),
-            gate_up=torch.cat([r.get(p + "mlp.gate_proj.weight", (I, H)), r.get(p + "mlp.up_proj.weight", (I, H))]),
-            down=r.get(p + "mlp.down_proj.weight", (H, I)),
+            gate_up=torch.cat([r.get(p + "mlp.gate_proj.weight", (I, H), rows=mlp),
+                               r.get(p + "mlp.up_proj.weight", (I, H), rows=mlp)]),
+            down=r.get(p + "mlp.down_proj.weight", (H, I), cols=mlp),
         ))
     embed = r.get("model.embed_tokens.weight", (cfg.vocab_size, H))
     lm_head = embed if cfg.tie_word_embeddings else r.get("lm_head.weight", (cfg.vocab_size, H))

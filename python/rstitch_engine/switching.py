@@ -36,10 +36,10 @@ def _distribution(values: list[int]) -> dict:
             "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], "max": ordered[-1]}
 
 
-def switching_stats(outputs, forwards=None) -> dict:
+def switching_stats(outputs, steps=None) -> dict:
     """Over `outputs` (RequestOutputs): switches per 1k tokens, LLM and SLM run-length distributions, and per
-    model and forward kind the number of forwards and the tokens they fed (from the traces). With `forwards`
-    (router/calibrate.py's timed Forward records of the same generate calls), also the mean ms per kind."""
+    model and forward kind the number of forwards and the tokens they fed (from the traces). With `steps`
+    (the StepTiming rows of the same generate calls, `Engine.step_timings`), also the mean ms per kind."""
     tokens = sum(len(o.token_ids) for o in outputs)
     switches = sum(o.stats.get("switches_to_llm", 0) + o.stats.get("switches_to_slm", 0) for o in outputs)
     runs = {m: [] for m in Model}
@@ -52,12 +52,12 @@ def switching_stats(outputs, forwards=None) -> dict:
             entry = per_kind.setdefault(f"{Model(model).name.lower()}_{forward_kind(new)}", {"forwards": 0, "tokens": 0})
             entry["forwards"] += 1
             entry["tokens"] += new
-    if forwards is not None:
+    if steps is not None:
         times: dict[str, list[float]] = {}
-        for f in forwards:
-            if f.logits:  # forwards that decide tokens; prefill chunks without logits are not switch costs
-                times.setdefault(f"{Model(f.model).name.lower()}_{forward_kind(f.tokens // max(f.rows, 1))}",
-                                 []).append(f.ms)
+        for t in steps:
+            if t.logits:  # forwards that decide tokens; prefill chunks without logits are not switch costs
+                times.setdefault(f"{Model(t.model).name.lower()}_{forward_kind(t.tokens // max(t.rows, 1))}",
+                                 []).append(t.seconds * 1e3)
         for key, values in times.items():
             per_kind.setdefault(key, {"forwards": 0, "tokens": 0})["mean_ms"] = statistics.mean(values)
     return {"switches_per_1k": 1000 * switches / tokens if tokens else 0.0,

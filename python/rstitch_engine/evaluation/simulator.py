@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _C
-from ..engine.plan import HostPlan
+from ..engine.plan import HostPlan, PlanLayout
 from ..protocol import LLM, MODELS, SLM
 from .step_cost import StepCost
 
@@ -68,7 +68,7 @@ def simulate(patterns: list[list[int]], prompt_lens: list[int], cost: StepCost, 
             spec.forced = list(pattern)
         if why := sched.add(spec):
             raise ValueError(f"simulate: request {i}: {why}")
-    plans = {m: HostPlan(sched, pin=False) for m in MODELS}
+    plans = {m: HostPlan(PlanLayout.of(sched, c.max_step_tokens), pin=False) for m in MODELS}
     updates = np.zeros(sched.table_update_size, dtype=np.int32)
     clock, step, finished, llm_steps, llm_rows = 0.0, 0, {}, 0, 0
     while sched.has_unfinished():

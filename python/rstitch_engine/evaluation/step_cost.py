@@ -77,7 +77,7 @@ class StepCost:
 
     @classmethod
     def fit(cls, timings, *, bounds: tuple[int, ...], meta: dict | None = None) -> "StepCost":
-        """From engine/step_loop.StepTiming rows (StepLoop.timings): both models, every regime."""
+        """From engine/core.py StepTiming rows (Engine.step_timings): both models, every regime."""
         timings, quality = list(timings), {}
         cost = cls({}, tuple(bounds), meta={**(meta or {}), "fit": quality})  # filled in below
         for m in sorted({t.model for t in timings}):

@@ -37,7 +37,7 @@ class ModelWeights:
 
 def forward(cfg: ModelConfig, w: ModelWeights, ops, h: torch.Tensor, positions: torch.Tensor,
             kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta, cos_sin: torch.Tensor,
-            logits_rows: torch.Tensor | None = None, nonfinite=None) -> torch.Tensor:
+            logits_rows: torch.Tensor | None = None, nonfinite=None, all_reduce=None) -> torch.Tensor:
     """h [T, hidden]: the tokens' embeddings -> hidden states after the final norm, of the rows `logits_rows`
     only ([L, hidden], gathered by the norm) or of all T. K/V of the new tokens are stored at meta.slot_mapping.
 
@@ -46,6 +46,9 @@ def forward(cfg: ModelConfig, w: ModelWeights, ops, h: torch.Tensor, positions: 
     attention backend makes of a NaN query or key (torch's CPU SDPA and the reference's nan_to_num return
     zeros, which would keep the logits finite); a NaN after the last attention reaches the logits, which the
     stitch step checks.
+
+    `all_reduce` (tensor parallelism: `cfg` and `w` are one rank's shard, ModelConfig.shard and load_weights'
+    `shard`): sums o_proj's and down's partial outputs over the ranks in place, the two collectives per layer.
 
     Per layer: norm + qkv, (q/k norm,) rope + KV store, attention, o_proj, norm + gate_up, SwiGLU + down.
     NOTE: o_proj and down outputs join the residual stream where it is next normalised (post-attention
@@ -64,8 +67,12 @@ def forward(cfg: ModelConfig, w: ModelWeights, ops, h: torch.Tensor, positions: 
                            nonfinite=nonfinite)
         o = ops.attention(q, k_cache, v_cache, meta)
         h = ops.linear(o.reshape(T, cfg.q_size), lw.o_proj)
+        if all_reduce is not None:
+            all_reduce(h)
         gate_up, residual = ops.norm_linear(h, residual, lw.post_norm, lw.gate_up, None, eps)
         h = ops.silu_mul_linear(gate_up, lw.down)
+        if all_reduce is not None:
+            all_reduce(h)
     if logits_rows is None:
         logits_rows = torch.arange(T, device=h.device)
     return ops.final_norm(h, w.norm, eps, residual, logits_rows)

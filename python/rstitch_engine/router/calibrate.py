@@ -2,8 +2,9 @@
 the latency model (router/latency.py).
 
 How the wanted forwards are produced: a real `Engine` runs synthetic requests whose plans contain exactly those
-forwards, and every `ModelRunner.run` (plan upload, forward, LM head and stitch step, replayed from a CUDA graph
-where the engine would use one) is timed. SLMOnly requests profile the SLM, LLMOnly ones the LLM.
+forwards, and the engine's own step timings (`Engine.step_timings`: each model's part of each step, plan upload,
+forward, LM head and stitch step, replayed from a CUDA graph where the engine would use one) are kept. SLMOnly
+requests profile the SLM, LLMOnly ones the LLM.
   * extend (N_inf new tokens over N_kv cached): a one-token request whose prompt has N_kv + N_inf tokens, on an
     engine whose step budget (`max_num_batched_tokens`) is the `chunk`: the scheduler prefills the first N_kv
     tokens in chunks without logits, then runs the last N_inf with their logits row over the N_kv cached ones,
@@ -12,8 +13,10 @@ where the engine would use one) is timed. SLMOnly requests profile the SLM, LLMO
   * decode (one token over N_kv, B rows): B requests with prompts of N_kv tokens generate tokens until every
     one of them has decoded `warmup + repeats` steps together; those steps are kept, N_kv is their mean
     context over the rows.
-Timing: wall time on the CPU; on CUDA, events around the run with a synchronize before and after it. Every
-grid point: the median over `repeats` after `warmup` discarded runs.
+Timing: wall time on the CPU; on CUDA, events around the model's part of the step as the engine runs it
+(engine/readback.py: overlapped with the next step's planning, so no idle gap before a forward is counted;
+latency files calibrated before 2026-12-07 synchronized around each forward instead). Every grid point: the
+median over `repeats` after `warmup` discarded runs.
 
 NOTE: the CPU's reference attention gathers every row's context up to max_model_len, so there a forward's time
 also grows with the engine's max_model_len: profile with the max_model_len the timed runs will use.
@@ -22,10 +25,7 @@ from __future__ import annotations
 
 import random
 import statistics
-import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -77,56 +77,6 @@ def default_grid(device: torch.device | str) -> tuple[Grid, int]:
     return (CUDA_GRID, CUDA_CHUNK) if torch.device(device).type == "cuda" else (CPU_GRID, CPU_CHUNK)
 
 
-@dataclass(frozen=True)
-class Forward:
-    """One timed `ModelRunner.run`: `rows` rows, `tokens` new tokens, `logits` decided rows, `n_kv` mean cached
-    tokens per row, `ms` milliseconds."""
-    model: int
-    rows: int
-    tokens: int
-    logits: int
-    n_kv: float
-    ms: float
-
-
-@contextmanager
-def timed_forwards(engine) -> Iterator[list[Forward]]:
-    """Times every forward the engine's runners execute while the block is open; yields the growing list."""
-    forwards: list[Forward] = []
-    cuda = engine.device.type == "cuda"
-
-    def timed(runner):
-        run = runner.run
-
-        def wrapper(host, *args):
-            rows, tokens, logits = host.count("num_rows"), host.count("num_tokens"), host.count("num_logits")
-            n_kv = (int(host.views.seq_lens[:rows].sum()) - tokens) / max(rows, 1)  # host memory: no sync
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(engine.device)
-                start.record()
-                out = run(host, *args)
-                end.record()
-                torch.cuda.synchronize(engine.device)
-                ms = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                out = run(host, *args)
-                ms = (time.perf_counter() - t0) * 1e3
-            forwards.append(Forward(runner.model, rows, tokens, logits, n_kv, ms))
-            return out
-
-        return wrapper
-
-    for runner in engine.runtime.runners.values():
-        runner.run = timed(runner)
-    try:
-        yield forwards
-    finally:
-        for runner in engine.runtime.runners.values():
-            del runner.run  # back to the class's method
-
-
 def _decode_tokens(grid: Grid, n_kv: int, batch: int, chunk: int) -> int:
     """Tokens per request so that all `batch` requests decode together for warmup + repeats steps: the
     scheduler prefills them one after the other, so the first may decode while the others still prefill."""
@@ -145,32 +95,34 @@ def _extend_timing(engine, model: int, n: int, n_kv: int, grid: Grid, prompt) ->
     """One request per repeat whose prompt ends in the wanted extend (chunked prefill before it)."""
     ms = []
     for _ in range(grid.warmup + grid.repeats):
-        with timed_forwards(engine) as forwards:
+        with engine.step_timings() as steps:
             engine.generate([prompt(n_kv + n)], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
                             POLICIES[model], use_tqdm=False)
-        ms += [f.ms for f in forwards if f.logits == 1 and f.tokens == n]
+        ms += [t.seconds * 1e3 for t in steps if t.model == model and t.logits == 1 and t.tokens == n]
     return Timing(model, n, n_kv, _median_ms(ms, grid, f"extend ({n}, {n_kv})"))
 
 
 def _decode_timing(engine, model: int, n_kv: int, batch: int, grid: Grid, prompt) -> Timing:
     """`batch` requests decoding together; the steps where all of them decode one token are timed."""
-    chunk = engine.runtime.scheduler_config.max_step_tokens
+    chunk = engine.core.scheduler_config.max_step_tokens
     params = SamplingParams(max_tokens=_decode_tokens(grid, n_kv, batch, chunk), temperature=0.0, ignore_eos=True)
-    with timed_forwards(engine) as forwards:
+    with engine.step_timings() as steps:
         engine.generate([prompt(n_kv) for _ in range(batch)], params, POLICIES[model], use_tqdm=False)
-    steps = [f for f in forwards if f.rows == f.tokens == f.logits == batch][:grid.warmup + grid.repeats]
-    ms = _median_ms([f.ms for f in steps], grid, f"decode step over {n_kv} at batch {batch}")
-    return Timing(model, 1, statistics.median(f.n_kv for f in steps[grid.warmup:]), ms, batch)
+    steps = [t for t in steps if t.model == model and t.rows == t.tokens == t.logits == batch]
+    steps = steps[:grid.warmup + grid.repeats]
+    ms = _median_ms([t.seconds * 1e3 for t in steps], grid, f"decode step over {n_kv} at batch {batch}")
+    n_kv = statistics.median((t.context - t.tokens) / t.rows for t in steps[grid.warmup:])  # mean cached per row
+    return Timing(model, 1, n_kv, ms, batch)
 
 
 def profile(engine, grid: Grid | None = None, *, seed: int = 0, progress: bool = True) -> list[Timing]:
     """Timings of every grid point for every model the engine loaded (see the module docstring)."""
-    chunk = engine.runtime.scheduler_config.max_step_tokens
+    chunk = engine.core.scheduler_config.max_step_tokens
     grid = grid or default_grid(engine.device)[0]
     grid.check(chunk)
-    if max(grid.batch_sizes) > engine.runtime.scheduler_config.max_num_seqs:
+    if max(grid.batch_sizes) > engine.core.scheduler_config.max_num_seqs:
         raise ValueError(f"batch size {max(grid.batch_sizes)} exceeds the engine's max_num_seqs "
-                         f"{engine.runtime.scheduler_config.max_num_seqs}")
+                         f"{engine.core.scheduler_config.max_num_seqs}")
     if grid.max_context(chunk) > engine.max_model_len:
         raise ValueError(f"the grid needs {grid.max_context(chunk)} positions; the engine holds "
                          f"{engine.max_model_len}")
@@ -182,8 +134,8 @@ def profile(engine, grid: Grid | None = None, *, seed: int = 0, progress: bool =
     points = [(k * chunk, n, None) for k in grid.kv_chunks for n in grid.new_tokens] + \
              [(n_kv, 1, b) for b in grid.batch_sizes for n_kv in grid.decode_kv]
     timings = []
-    with tqdm(total=len(engine.runtime.runners) * len(points), desc="calibrate", unit="point", disable=not progress) as bar:
-        for model in sorted(engine.runtime.runners):
+    with tqdm(total=len(engine.paths) * len(points), desc="calibrate", unit="point", disable=not progress) as bar:
+        for model in sorted(engine.paths):
             for n_kv, n, batch in points:
                 timings.append(_extend_timing(engine, model, n, n_kv, grid, prompt) if batch is None else
                                _decode_timing(engine, model, n_kv, batch, grid, prompt))
@@ -214,6 +166,6 @@ def calibrate(engine, grid: Grid | None = None, *, holdout: float = 0.2, seed: i
     timings = profile(engine, grid, seed=seed, progress=progress)
     info = {**environment(engine.device), "models": {name: str(engine.paths[m]) for m, name in
                                                      ((SLM, "slm"), (LLM, "llm")) if m in engine.paths},
-            "dtype": str(engine.dtype).removeprefix("torch."), "chunk": engine.runtime.scheduler_config.max_step_tokens,
+            "dtype": str(engine.dtype).removeprefix("torch."), "chunk": engine.core.scheduler_config.max_step_tokens,
             "grid": asdict(grid), "timings": [asdict(t) for t in timings], **(meta or {})}
     return LatencyModel.fit(timings, holdout=holdout, seed=seed, meta=info)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..cli_args import chosen_problems, engine_args, make_engine, problem_args
+from ..protocol import LLM, SLM
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -73,7 +74,7 @@ def _calibrate_parser(sub) -> None:
     p.add_argument("--holdout", type=float, default=0.2, help="share of grid points held out to report the fit")
     p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split and the profiled tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    engine_args(p)
+    engine_args(p, skip=("max_num_batched_tokens", "max_num_seqs"))  # --chunk and the grid's batch sizes set them
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -116,14 +117,11 @@ def cmd_train_router(args) -> None:
             print(f"warm start: {labels.summary()}, accuracy {curve[-1]['accuracy']:.3f}")
         initial.mark_trained_on(engine.dtype)
         initial.save(initial_path, meta={"tau": args.tau, "note": note})
+    settings = {name: getattr(args, name) for name, _, _ in DAPO_OPTIONS}
     router, history = train_router(
-        engine, problems, tau=args.tau, tau_down=args.tau_down, steps=args.steps, latency_model=latency,
-        prompts_per_batch=args.prompts_per_batch, rollouts=args.rollouts, lr=args.lr, lam=args.lam,
-        temperature=args.temperature, epochs_per_batch=args.epochs_per_batch, max_tokens=args.max_tokens,
-        max_refills=args.max_refills,
-        router=copy.deepcopy(initial), checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every,
-        resume=args.resume, seed=args.seed, progress=not args.no_progress, log_path=out / "log.jsonl",
-        plot_path=out / "curves.png")
+        engine, problems, steps=args.steps, latency_model=latency, router=copy.deepcopy(initial),
+        checkpoint_dir=out / "checkpoints", checkpoint_every=args.checkpoint_every, resume=args.resume,
+        progress=not args.no_progress, log_path=out / "log.jsonl", plot_path=out / "curves.png", **settings)
     router.save(out / "router.safetensors")
     print(f"wrote {out}/: router.safetensors, log.jsonl, curves.png, checkpoints/")
     if not args.eval:
@@ -142,7 +140,7 @@ def cmd_train_router(args) -> None:
     rows = evaluate(engine, held_out, policies, task=word_problems(engine), max_tokens=args.max_tokens,
                     latency_model=latency, lam=args.lam, batch_size=args.eval_batch_size,
                     progress=not args.no_progress)
-    meta = {"slm": str(engine.paths[0]), "llm": str(engine.paths[1]), "latency_model": str(args.latency),
+    meta = {"slm": str(engine.paths[SLM]), "llm": str(engine.paths[LLM]), "latency_model": str(args.latency),
             "latency_device": latency.meta.get("device"), "eval": f"synthetic:{args.eval}:seed{args.eval_seed}:{args.level}",
             "eval_batch_size": args.eval_batch_size, "training": router.meta.get("training"),
             "final_step": history[-1] if history else None}
@@ -151,7 +149,23 @@ def cmd_train_router(args) -> None:
     print(json.dumps({"wrote": [str(out / "eval.json"), str(out / "eval.md")]}))
 
 
+# the DapoConfig fields `rstitch train-router` offers, with their type and help (defaults: DapoConfig's)
+DAPO_OPTIONS = (
+    ("tau", float, "entropy threshold above which the router decides"),
+    ("tau_down", float, "LLM -> SLM hand-back threshold (default: tau)"),
+    ("prompts_per_batch", int, "problems per step"),
+    ("rollouts", int, "rollouts per problem (the group of the advantages)"),
+    ("lr", float, "learning rate of the router"),
+    ("lam", float, "latency weight per ms in the reward"),
+    ("temperature", float, "router sampling temperature while training"),
+    ("epochs_per_batch", int, "optimiser passes over each step's rollouts"),
+    ("max_refills", int, "dynamic sampling: extra draws to refill a batch"),
+    ("max_tokens", int, "most new tokens per rollout"),
+    ("seed", int, "seed of the router's initial weights and of training"))
+
+
 def _train_router_parser(sub) -> None:
+    from .dapo import DapoConfig
     from .warm_start import LABELS_BY
 
     p = sub.add_parser("train-router", help="train the R-Stitch+ router with DAPO (both LMs frozen)",
@@ -163,17 +177,11 @@ def _train_router_parser(sub) -> None:
                                    "--eval N then compares R-Stitch, the untrained and the trained router on N "
                                    "held-out synthetic problems. Models default to the demo pair.")
     p.add_argument("--latency", required=True, help="latency model JSON from `rstitch calibrate`")
-    p.add_argument("--tau", type=float, required=True, help="entropy threshold above which the router decides")
-    p.add_argument("--tau-down", type=float, help="LLM -> SLM hand-back threshold (default: tau)")
     p.add_argument("--steps", type=int, default=100, help="training steps (one batch of problems each)")
-    p.add_argument("--prompts-per-batch", type=int, default=32, help="problems per step")
-    p.add_argument("--rollouts", type=int, default=8, help="rollouts per problem (the group of the advantages)")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the router")
-    p.add_argument("--lam", type=float, default=5e-6, help="latency weight per ms in the reward")
-    p.add_argument("--temperature", type=float, default=1.0, help="router sampling temperature while training")
-    p.add_argument("--epochs-per-batch", type=int, default=4, help="optimiser passes over each step's rollouts")
-    p.add_argument("--max-refills", type=int, default=2, help="dynamic sampling: extra draws to refill a batch")
-    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per rollout")
+    defaults = {f.name: f.default for f in dataclasses.fields(DapoConfig)}  # one home: DapoConfig
+    for name, kind, text in DAPO_OPTIONS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, required=name == "tau",
+                       default=None if name == "tau" else defaults[name], help=text)
     p.add_argument("--width", type=int, default=128, help="router hidden width")
     p.add_argument("--init-switch-prob", type=float, default=0.9, help="the untrained router's P(switch)")
     p.add_argument("--warm-start", type=int, default=0, metavar="N",
@@ -189,12 +197,11 @@ def _train_router_parser(sub) -> None:
                                                           "(of --level)")
     p.add_argument("--eval-seed", type=int, default=1000, help="seed of the held-out problems")
     p.add_argument("--eval-batch-size", type=int, default=1, help="1: measured latency per sample")
-    p.add_argument("--seed", type=int, default=0, help="seed of the router's initial weights and of training")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between resumable checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    engine_args(p, demo_pair=True)
+    engine_args(p, demo_pair=True, skip=("max_num_seqs",))  # prompts per batch x rollouts
     p.set_defaults(func=cmd_train_router)
 
 

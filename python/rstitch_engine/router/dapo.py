@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..policies import SLM
+from ..protocol import LLM, SLM
 from .model import Router
 from .rollouts import Rollout, Task, run_rollouts, summarize_rollouts, word_problems
 
@@ -35,22 +35,23 @@ CURVES = ("reward", "accuracy", "llm_share", "latency_ms", "groups_kept")
 
 @dataclass(frozen=True, kw_only=True)  # 15 fields of few types: a swapped pair must not pass
 class DapoConfig:
-    """What a checkpoint must agree on to be resumed (the step count may grow)."""
-    tau: float
-    tau_down: float | None
-    prompts_per_batch: int
-    rollouts: int
-    lr: float
-    lam: float
-    temperature: float
-    clip_low: float
-    clip_high: float
-    epochs_per_batch: int
-    max_tokens: int
-    max_refills: int
-    max_grad_norm: float
-    lm_temperature: float
-    seed: int
+    """DAPO's settings, with the defaults that train_router and `rstitch train-router` both read; a
+    checkpoint must agree on all of them to be resumed (the step count may grow)."""
+    tau: float                       # entropy threshold above which the router decides
+    tau_down: float | None = None    # LLM -> SLM hand-back threshold (None: tau)
+    prompts_per_batch: int = 32      # problems per step
+    rollouts: int = 8                # rollouts per problem: the group of the advantages
+    lr: float = 3e-3                 # the router's learning rate
+    lam: float = 5e-6                # latency weight per ms in the reward
+    temperature: float = 1.0         # the router's sampling temperature while training
+    clip_low: float = 0.2            # clip range [1 - clip_low, 1 + clip_high] (clip-higher)
+    clip_high: float = 0.28
+    epochs_per_batch: int = 4        # optimiser passes over each step's rollouts
+    max_tokens: int = 256            # most new tokens per rollout
+    max_refills: int = 2             # dynamic sampling: extra draws to refill a batch
+    max_grad_norm: float = 1.0
+    lm_temperature: float = 0.0      # the language models' sampling temperature in rollouts
+    seed: int = 0                    # problem order, rollout seeds and sampled decisions
 
     def check(self) -> None:
         if self.prompts_per_batch < 1 or self.rollouts < 2:
@@ -226,26 +227,19 @@ class _Run:
         return True
 
 
-def train_router(engine, problems: list[dict], *, tau: float, steps: int, latency_model,
-                 prompts_per_batch: int = 32, rollouts: int = 8, lr: float = 1e-3, lam: float = 5e-6,
-                 temperature: float = 1.0, clip_low: float = 0.2, clip_high: float = 0.28,
-                 epochs_per_batch: int = 4, max_tokens: int = 256, tau_down: float | None = None,
-                 max_refills: int = 2, max_grad_norm: float = 1.0, lm_temperature: float = 0.0,
-                 task: Task | None = None, router: Router | None = None, width: int = 128,
-                 init_switch_prob: float = 0.9, checkpoint_dir=None, checkpoint_every: int = 10,
-                 resume: bool = False, seed: int = 0, progress: bool = True, log_path=None,
-                 plot_path=None) -> tuple[Router, list[dict]]:
-    """Trains an R-Stitch+ router on `engine` (both models loaded) and returns (router, history), one history
-    entry per step: reward and its parts (accuracy, latency_term = what the latency takes off), LLM share,
-    estimated latency (ms) over every rollout of the step, the
-    groups kept / drawn, the number of decisions trained on, loss and clip share. `task` defaults to word
-    problems ({"question", "answer"}). `router` continues training a given router; otherwise one is made
-    (width, init_switch_prob; seeded). With `checkpoint_dir`, a checkpoint every `checkpoint_every` steps and
-    at the end; `resume=True` continues from it. `log_path`: JSONL of the history; `plot_path`: its curves."""
-    cfg = DapoConfig(tau=tau, tau_down=tau_down, prompts_per_batch=prompts_per_batch, rollouts=rollouts, lr=lr,
-                     lam=lam, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
-                     epochs_per_batch=epochs_per_batch, max_tokens=max_tokens, max_refills=max_refills,
-                     max_grad_norm=max_grad_norm, lm_temperature=lm_temperature, seed=seed)
+def train_router(engine, problems: list[dict], *, steps: int, latency_model, task: Task | None = None,
+                 router: Router | None = None, width: int = 128, init_switch_prob: float = 0.9, checkpoint_dir=None,
+                 checkpoint_every: int = 10, resume: bool = False, progress: bool = True, log_path=None,
+                 plot_path=None, **settings) -> tuple[Router, list[dict]]:
+    """Trains an R-Stitch+ router on `engine` (both models loaded) with DAPO's `settings` (DapoConfig's fields:
+    tau is required, the others have defaults) and returns (router, history), one history entry per step:
+    reward and its parts (accuracy, latency_term = what the latency takes off), LLM share, estimated latency
+    (ms) over every rollout of the step, the groups kept / drawn, the number of decisions trained on, loss and
+    clip share. `task` defaults to word problems ({"question", "answer"}). `router` continues training a
+    given router; otherwise one is made (width, init_switch_prob; seeded). With `checkpoint_dir`, a checkpoint
+    every `checkpoint_every` steps and at the end; `resume=True` continues from it. `log_path`: JSONL of the
+    history; `plot_path`: its curves."""
+    cfg = DapoConfig(**settings)
     cfg.check()
     if steps < 0 or checkpoint_every < 1:
         raise ValueError("need steps >= 0 and checkpoint_every >= 1")
@@ -283,8 +277,8 @@ def train_router(engine, problems: list[dict], *, tau: float, steps: int, latenc
         if log is not None:
             log.close()
     run.router.mark_trained_on(engine.dtype)
-    run.router.meta.update(tau=tau, tau_down=tau_down if tau_down is not None else tau,
-                           slm=str(engine.paths[SLM]), llm=str(engine.paths[1]),
+    run.router.meta.update(tau=cfg.tau, tau_down=cfg.tau_down if cfg.tau_down is not None else cfg.tau,
+                           slm=str(engine.paths[SLM]), llm=str(engine.paths[LLM]),
                            training={**asdict(cfg), "steps": run.step, "algorithm": "DAPO"})
     if plot_path is not None and run.history:
         plot_curves(run.history, plot_path)

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from rstitch_engine.kernels.random import uniform_noise
 from rstitch_engine.protocol import Stream
 
-# Counter-based random streams (rstitch_kernels/random.py): 0 sampling, 1 and 2 speculative verification, 3 the router.
-ROUTER_STREAM = int(Stream.ROUTER)
+ROUTER_STREAM = int(Stream.ROUTER)  # the router's counter-based random stream (protocol.Stream lists them all)
 
 
 class DeviceRouter:

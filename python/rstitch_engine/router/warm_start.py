@@ -22,10 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..engine.kv_pool import KVPool
-from ..engine.ops import AttentionMeta
-from ..models.decoder import forward
-from ..models.rope import cos_sin_table
 from ..policies import RStitch, RStitchPlus
 from ..protocol import LLM, SLM
 from ..sampling_params import SamplingParams
@@ -58,23 +54,10 @@ class Labels:
                 "problems": int(self.problem.unique().numel())}
 
 
-@torch.inference_mode()
 def teacher_forced_logits(engine, model: int, ids: list[int], positions: list[int]) -> torch.Tensor:
     """[len(positions), vocab_limit] float32: `model`'s next-token logits after each prefix ids[:p + 1], p in
-    `positions`, from one forward over `ids` with a private KV pool (the engine's own weights and ops)."""
-    runner = engine.runtime.runners[model]
-    cfg, w, device = runner.cfg, runner.weights, runner.device
-    block = runner.pool.block_size
-    n = len(ids)
-    blocks = -(-n // block)
-    pool = KVPool(cfg, blocks, block, w.embed.dtype, device)
-    i32 = dict(dtype=torch.int32, device=device)
-    meta = AttentionMeta.one_sequence(torch.arange(n, **i32), torch.arange(blocks, **i32)[None], n,
-                                      cfg.head_dim ** -0.5)
-    tokens = torch.tensor(ids, dtype=torch.int64, device=device)
-    hidden = forward(cfg, w, runner.ops, w.embed[tokens], torch.arange(n, **i32), pool.layers, meta,
-                     cos_sin_table(cfg, n, device), logits_rows=torch.tensor(positions, **i32))
-    return runner.ops.lm_head(hidden, w.lm_head)[:, :engine.vocab_limit].float()
+    `positions`, from one forward over `ids` (engine/worker.py Worker.teacher_forced_logits)."""
+    return engine.core.executor.collective_rpc("teacher_forced_logits", model, ids, positions)[0]
 
 
 def teacher_forced_argmax(engine, model: int, ids: list[int], positions: list[int]) -> list[int]:

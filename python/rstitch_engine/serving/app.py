@@ -1,18 +1,28 @@
 """The OpenAI-compatible HTTP server (FastAPI) over an AsyncEngine: /v1/completions, /v1/chat/completions
-(streamed as server-sent events or not), /v1/models, /health, /metrics. Conventions: serving.md; the
-request fields: serving/protocol.py.
+(streamed as server-sent events or not), /v1/models, /health, /metrics. Conventions: docs/serving.md; the
+request fields: serving/openai_request.py.
 
 Beyond OpenAI: the `rstitch` body field routes each request, and every response carries its routing
 statistics ("rstitch": LLM share, switches, catch-up and draft counts) beside `usage`; with
 `"return_sources": true` the choices and chunks also carry per-token `sources` (0 SLM, 1 LLM) and entropies.
 
-Status codes: 400 for invalid input (named), 404 for an unknown model, 503 with Retry-After when
-`max_waiting` requests already wait or the step loop has failed; a request whose model produced NaN/inf
+With an API key (`ServerConfig.api_key`, `rstitch serve --api-key` or RSTITCH_API_KEY) every /v1/ request
+needs `Authorization: Bearer <key>` (compared in constant time), else 401; /health and /metrics stay open,
+as in vLLM.
+
+Limits: a body over `max_request_bytes` is a 413; a request running past `request_timeout_s` is aborted (its
+blocks freed) and answered 408, or, once streaming, ends with an error event. While the server drains for a
+graceful shutdown (server.py) new requests get 503 with Retry-After.
+
+Status codes: 400 for invalid input (named), 401 without the API key, 404 for an unknown model, 408 past the
+request timeout, 413 for a body over the limit, 503 with Retry-After when `max_waiting` requests already wait,
+the server is shutting down or the step loop has failed; a request whose model produced NaN/inf
 (a server-side failure, not bad input) is a 500 or, once streaming, an error event.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -25,8 +35,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..async_engine import AsyncEngine, EngineDeadError, RequestRejected
 from ..outputs import RequestOutput
 from ..policies import Policy
+from . import MAX_REQUEST_BYTES
 from .metrics import ServerMetrics
-from .protocol import APIError, ParsedRequest, parse_request
+from .openai_request import APIError, ParsedRequest, parse_request
 
 ROUTING_STATS = ("slm_tokens", "llm_tokens", "switches_to_llm", "switches_to_slm", "discarded_slm_tokens",
                  "extend_tokens_llm", "extend_tokens_slm", "drafted", "accepted", "llm_wait_steps", "llm_wait_s")
@@ -39,6 +50,9 @@ class ServerConfig:
     default_policy: Policy
     max_waiting: int | None = None  # 503 once this many requests wait (None: no limit)
     router: str | None = None       # the R-Stitch+ router file requests may use
+    api_key: str | None = None      # every /v1/ request must carry it as a bearer token (None: open)
+    max_request_bytes: int = MAX_REQUEST_BYTES  # larger bodies: 413
+    request_timeout_s: float | None = None      # running longer: aborted, 408 (None: no limit)
 
 
 def routing_stats(outputs: list[RequestOutput]) -> dict:
@@ -47,6 +61,21 @@ def routing_stats(outputs: list[RequestOutput]) -> dict:
     produced = stats["slm_tokens"] + stats["llm_tokens"]
     stats["llm_share"] = stats["llm_tokens"] / produced if produced else 0.0
     return stats
+
+
+def metrics_field(outputs: list[RequestOutput]) -> dict:
+    """A response's `metrics` field, in the shape vLLM adopted for per-request speculative decoding:
+    {"metrics": {"speculative_decoding": {num_drafts, num_draft_tokens, num_accepted_tokens, acceptance_rate
+    (accepted / draft tokens), mean_acceptance_length (1 + accepted / drafts)}}}, summed over the choices;
+    {} when no choice drafted."""
+    drafts = sum(o.stats.get("verify_steps", 0) for o in outputs)
+    draft_tokens = sum(o.stats.get("drafted", 0) for o in outputs)
+    accepted = sum(o.stats.get("accepted", 0) for o in outputs)
+    if not draft_tokens:
+        return {}
+    return {"metrics": {"speculative_decoding": {
+        "num_drafts": drafts, "num_draft_tokens": draft_tokens, "num_accepted_tokens": accepted,
+        "acceptance_rate": accepted / draft_tokens, "mean_acceptance_length": 1 + accepted / drafts}}}
 
 
 def usage(prompt_tokens: int, outputs: list[RequestOutput] | None = None, completion_tokens: int | None = None) -> dict:
@@ -77,7 +106,19 @@ def build_app(online: AsyncEngine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(config.model_name, online)
     online.listeners.append(metrics.observe)
     app.state.online, app.state.metrics = online, metrics
+    app.state.draining = False  # set by a graceful shutdown (server.py): new requests get 503
     engine = online.engine
+
+    if config.api_key is not None:
+        expected = f"Bearer {config.api_key}".encode()
+
+        @app.middleware("http")
+        async def _authenticate(request: Request, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
+                return error_response(APIError("a valid API key is needed: send 'Authorization: Bearer <key>'",
+                                               status=401, type="AuthenticationError"))
+            return await call_next(request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):  # logged by uvicorn; the client gets the shape
@@ -109,7 +150,10 @@ def build_app(online: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     async def _serve(request: Request, chat: bool):
         try:
-            parsed = parse_request(await _json(request), chat=chat, router=config.router,
+            if app.state.draining:
+                raise APIError("the server is shutting down; retry on another replica or later", status=503,
+                               type="ServiceUnavailableError", headers={"Retry-After": str(RETRY_AFTER_S)})
+            parsed = parse_request(await _json(request, config.max_request_bytes), chat=chat, router=config.router,
                                    max_model_len=engine.max_model_len)
             if parsed.model is not None and parsed.model != config.model_name:
                 raise APIError(f"the model {parsed.model!r} does not exist; this server serves "
@@ -124,7 +168,7 @@ def build_app(online: AsyncEngine, config: ServerConfig) -> FastAPI:
             requests = await _admit(online, parsed, prompts, param="messages" if chat else "prompt")
         except APIError as e:
             return error_response(e)
-        call = _Call(parsed, chat, config.model_name, prompts, requests)
+        call = _Call(parsed, chat, config.model_name, prompts, requests, config.request_timeout_s)
         if parsed.stream:
             return StreamingResponse(call.events(), media_type="text/event-stream")
         return await call.complete(request)
@@ -132,9 +176,19 @@ def build_app(online: AsyncEngine, config: ServerConfig) -> FastAPI:
     return app
 
 
-async def _json(request: Request):
+async def _json(request: Request, limit: int):
+    too_large = APIError(f"the request body exceeds the server's limit of {limit} bytes (--max-request-bytes)",
+                         status=413, type="RequestTooLargeError")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large  # refused before the body is read
+    body = bytearray()
+    async for piece in request.stream():  # a chunked body has no length to check up front
+        body += piece
+        if len(body) > limit:
+            raise too_large
     try:
-        return json.loads(await request.body())
+        return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(f"the request body is not valid JSON: {e}") from None
 
@@ -176,8 +230,10 @@ async def _admit(online: AsyncEngine, parsed: ParsedRequest, prompts: list[list[
 class _Call:
     """One HTTP request's choices: collected into one response, or streamed as SSE chunks."""
 
-    def __init__(self, parsed: ParsedRequest, chat: bool, model: str, prompts: list[list[int]], requests: list):
+    def __init__(self, parsed: ParsedRequest, chat: bool, model: str, prompts: list[list[int]], requests: list,
+                 timeout_s: float | None):
         self.parsed, self.chat, self.model, self.requests = parsed, chat, model, requests
+        self.timeout_s = timeout_s
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.id = ("chatcmpl-" if chat else "cmpl-") + requests[0].request_id.partition("-")[0]
         self.created = int(time.time())
@@ -210,14 +266,19 @@ class _Call:
                 p.cancel()
             self._abort()
 
-    def _choice(self, index: int, out: RequestOutput) -> dict:
-        choice = {"index": index, "logprobs": None, "finish_reason": out.finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": out.text}
+    def _choice(self, index: int, text: str, finish_reason: str | None, sources: list, entropies: list,
+                chat_key: str) -> dict:
+        """One choice of a response (`chat_key` "message") or of a stream chunk ("delta"; an empty delta
+        ends a chat stream's choice)."""
+        choice = {"index": index, "logprobs": None, "finish_reason": finish_reason}
+        if not self.chat:
+            choice["text"] = text
+        elif chat_key == "message":
+            choice["message"] = {"role": "assistant", "content": text}
         else:
-            choice["text"] = out.text
+            choice["delta"] = {"content": text} if text or finish_reason is None else {}
         if self.parsed.return_sources:
-            choice["sources"], choice["entropies"] = out.sources, out.entropies
+            choice["sources"], choice["entropies"] = sources, entropies
         return choice
 
     async def complete(self, request: Request):
@@ -233,12 +294,13 @@ class _Call:
 
         collecting = asyncio.create_task(collect())
         disconnect = asyncio.create_task(_disconnected(request))
-        await asyncio.wait({collecting, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({collecting, disconnect}, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
         disconnect.cancel()
-        if not collecting.done():  # the client left: nobody reads the answer
+        if not collecting.done():  # the client left, or the time ran out: nobody reads the answer
+            timed_out = not disconnect.done() or disconnect.cancelled()
             collecting.cancel()
             self._abort()
-            return Response(status_code=499)
+            return error_response(self._timed_out()) if timed_out else Response(status_code=499)
         try:
             outputs = collecting.result()
         except EngineDeadError as e:
@@ -247,8 +309,14 @@ class _Call:
         if failed is not None:
             return error_response(generation_failed(failed))
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [self._choice(i, o) for i, o in enumerate(outputs)],
-                "usage": usage(self.prompt_tokens, outputs), "rstitch": routing_stats(outputs)}
+                "choices": [self._choice(i, o.text, o.finish_reason, o.sources, o.entropies, "message")
+                            for i, o in enumerate(outputs)],
+                "usage": usage(self.prompt_tokens, outputs), "rstitch": routing_stats(outputs),
+                **metrics_field(outputs)}
+
+    def _timed_out(self) -> APIError:
+        return APIError(f"the request ran past the server's limit of {self.timeout_s:g} s (--request-timeout) and "
+                        f"was aborted", status=408, type="TimeoutError")
 
     def _chunk(self, choices: list[dict], **extra) -> str:
         body = {"id": self.id, "object": self.object + ".chunk" if self.chat else self.object,
@@ -259,38 +327,46 @@ class _Call:
         """Server-sent events: a chunk per commit and choice, each choice's last with finish_reason and its
         `rstitch` stats, the usage chunk if asked, then [DONE]."""
         completion_tokens, finals = 0, []
+        deadline = None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
         try:
             if self.chat:
                 yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None} for i in range(len(self.requests))])
-            async for index, out in self._outputs():
+            outputs, failed = self._outputs(), None
+            while True:
+                left = None if deadline is None else max(deadline - asyncio.get_running_loop().time(), 0.0)
+                try:
+                    index, out = await asyncio.wait_for(anext(outputs), left)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:  # not TimeoutError: Python 3.10 keeps them apart
+                    failed = self._timed_out()
+                    break
                 if isinstance(out, EngineDeadError):
-                    yield sse(engine_dead(str(out)).body())
+                    failed = engine_dead(str(out))
                     break
                 completion_tokens += len(out.token_ids)
                 if out.finished and out.output.finish_reason == "error":
-                    yield sse(generation_failed(out.output).body())
+                    failed = generation_failed(out.output)
                     break
                 if not (out.text or out.finished or (self.parsed.return_sources and out.token_ids)):
                     continue
-                choice = {"index": index, "logprobs": None,
-                          "finish_reason": out.output.finish_reason if out.finished else None}
-                if self.chat:
-                    choice["delta"] = {"content": out.text} if out.text or not out.finished else {}
-                else:
-                    choice["text"] = out.text
-                if self.parsed.return_sources:
-                    choice["sources"], choice["entropies"] = out.sources, out.entropies
+                choice = self._choice(index, out.text, out.output.finish_reason if out.finished else None,
+                                      out.sources, out.entropies, "delta")
                 extra = {}
                 if out.finished:
                     finals.append(out.output)
                     choice["rstitch"] = routing_stats([out.output])
+                    extra.update(metrics_field([out.output]))
                 if self.parsed.continuous_usage:
                     extra["usage"] = usage(self.prompt_tokens, completion_tokens=completion_tokens)
                 yield self._chunk([choice], **extra)
-            else:
-                if self.parsed.include_usage:
-                    yield self._chunk([], usage=usage(self.prompt_tokens, finals), rstitch=routing_stats(finals))
+            await outputs.aclose()
+            if failed is not None:
+                yield sse(failed.body())
+            elif self.parsed.include_usage:
+                yield self._chunk([], usage=usage(self.prompt_tokens, finals), rstitch=routing_stats(finals),
+                                  **metrics_field(finals))
             yield "data: [DONE]\n\n"
         finally:
             self._abort()

@@ -1,5 +1,5 @@
 """`rstitch bench serve`: a client-side load generator for the server, measured as `vllm bench serve`
-measures (serving.md, 'How vllm bench serve measures'): TTFT from sending to the first content chunk, ITL
+measures (docs/serving.md, 'How rstitch bench serve measures'): TTFT from sending to the first content chunk, ITL
 between chunks, TPOT = (E2EL - TTFT) / (output tokens - 1), E2EL to the last chunk; goodput counts requests
 within every --goodput limit. Plus what is specific to hybrid decoding: the LLM's token share and switches
 per 1k tokens, from each response's `rstitch` statistics.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
 import statistics
 import time
@@ -22,7 +23,8 @@ from urllib.parse import urlparse
 
 import httpx
 
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+from . import API_KEY_ENV, is_loopback
+
 PERCENTILES = (50, 90, 99)
 COLUMNS = ["policy", "concurrency", "request_rate", "completed", "failed", "req_s", "output_tok_s", "goodput_req_s",
            "ttft_ms_mean", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_mean", "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50",
@@ -47,8 +49,8 @@ class RequestResult:
 
 def check_loopback(url: str) -> str:
     host = urlparse(url).hostname
-    if host not in LOOPBACK_HOSTS:
-        raise ValueError(f"--base-url {url!r}: only loopback servers are loaded ({', '.join(sorted(LOOPBACK_HOSTS))})")
+    if host is None or not is_loopback(host):
+        raise ValueError(f"--base-url {url!r}: only loopback servers are loaded (127.0.0.1, ::1, localhost)")
     return url.rstrip("/")
 
 
@@ -104,12 +106,14 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> RequestResult:
 
 
 async def run_pass(base_url: str, bodies: list[dict], *, concurrency: int | None, request_rate: float | None,
-                   seed: int, timeout_s: float) -> tuple[list[RequestResult], float]:
-    """Sends every body (arrivals: Poisson at request_rate, else at once; at most `concurrency` in flight);
-    returns the results and the pass's duration. Requests still running at timeout_s are cancelled."""
+                   seed: int, timeout_s: float, api_key: str | None = None) -> tuple[list[RequestResult], float]:
+    """Sends every body (arrivals: Poisson at request_rate, else at once; at most `concurrency` in flight),
+    with `api_key` as a bearer token if given; returns the results and the pass's duration. Requests still
+    running at timeout_s are cancelled."""
     rng = random.Random(seed)
     limit = asyncio.Semaphore(concurrency or len(bodies))
-    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout_s)) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout_s), headers=headers) as client:
         async def send(body: dict, delay: float) -> RequestResult:
             await asyncio.sleep(delay)
             async with limit:
@@ -216,7 +220,8 @@ def add_arguments(p) -> None:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds a pass may take (requests left are "
                                                                  "cancelled)")
     p.add_argument("--model", help="the model name to send (default: the server's)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="with --slm/--llm: the server's running batch")
+    p.add_argument("--api-key", metavar="KEY", help="with --base-url: the server's API key (default: the "
+                                                    "RSTITCH_API_KEY environment variable)")
     p.add_argument("--no-offline", action="store_true", help="with --slm/--llm: skip the offline comparison")
     p.add_argument("--out", help="folder for bench_serve.json / bench_serve.md (default: print only)")
 
@@ -232,6 +237,7 @@ def run_from_args(args) -> list[dict]:
     if any(c < 1 for c in levels):
         raise ValueError(f"--concurrency {args.concurrency!r}: levels must be >= 1")
     goodput = parse_goodput(args.goodput)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     problems, _ = chosen_problems(args)
     questions = [p["question"] for p in problems]
     passes = [(["mix:" + "+".join(policies)], policies)] if args.mix else [([p], [p]) for p in policies]
@@ -243,7 +249,7 @@ def run_from_args(args) -> list[dict]:
         from .app import ServerConfig
         from .server import ServerThread
 
-        engine = make_engine(args, max_num_seqs=args.max_num_seqs)
+        engine = make_engine(args)
         server = ServerThread(engine, ServerConfig(args.model or "rstitch", LLMOnly())).__enter__()
         base_url = server.url
     rows = []
@@ -254,7 +260,7 @@ def run_from_args(args) -> list[dict]:
                                         temperature=args.temperature, seed=args.seed)
                 results, duration = asyncio.run(run_pass(base_url, bodies, concurrency=c,
                                                          request_rate=args.request_rate, seed=args.problem_seed,
-                                                         timeout_s=args.timeout))
+                                                         timeout_s=args.timeout, api_key=api_key))
                 row = {"policy": label[0], "concurrency": c, "request_rate": args.request_rate,
                        **summarize(results, duration, goodput)}
                 if engine is not None and c == 1 and not args.mix and not args.no_offline:

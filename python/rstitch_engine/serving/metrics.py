@@ -1,5 +1,5 @@
 """Prometheus metrics of the server: vLLM's names under the prefix `rstitch:`, each with a `model_name`
-label, plus the hybrid ones no other engine has (serving.md, 'Metric names').
+label, plus the hybrid ones no other engine has (docs/serving.md, 'Metrics').
 
 Observed in the step thread (AsyncEngine.listeners), for every request, whether its client is still
 there: token counters per commit, by source; request counters and per-request histograms when a request

@@ -1,23 +1,57 @@
-"""Running the HTTP app: `serve` (the `rstitch serve` command, blocking) and `ServerThread` (uvicorn in a
-background thread on the loopback, for tests and `rstitch bench serve --slm/--llm`)."""
+"""Running the HTTP app: `serve` (the `rstitch serve` command, blocking; SIGTERM drains gracefully) and
+`ServerThread` (uvicorn in a background thread on the loopback, for tests and `rstitch bench serve
+--slm/--llm`)."""
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
 import uvicorn
 
 from ..async_engine import AsyncEngine
+from . import SHUTDOWN_TIMEOUT_S
 from .app import ServerConfig, build_app
 
 LOOPBACK = "127.0.0.1"
 
 
-def serve(engine, config: ServerConfig, *, host: str = LOOPBACK, port: int = 8000, log_level: str = "info") -> None:
-    """Serves `engine` until interrupted; the step thread stops with the server."""
+DRAIN_POLL_S = 0.1
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, with SIGTERM as a graceful shutdown (as a load balancer or Kubernetes stops a replica): new
+    requests get 503 with Retry-After at once, running ones may finish within `shutdown_timeout` s, the rest
+    are then aborted, and the server exits normally (status 0). Ctrl-C (SIGINT) stops at once, as before."""
+
+    def __init__(self, config: uvicorn.Config, online: AsyncEngine, shutdown_timeout: float):
+        super().__init__(config)
+        self.online, self.shutdown_timeout = online, shutdown_timeout
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig != signal.SIGTERM:
+            return super().handle_exit(sig, frame)
+        if not self.config.app.state.draining:  # a second SIGTERM changes nothing
+            self.config.app.state.draining = True
+            threading.Thread(target=self._drain, name="rstitch-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.online.num_running + self.online.num_waiting and time.monotonic() < deadline:
+            time.sleep(DRAIN_POLL_S)
+        self.online.shutdown()  # aborts what still runs; its streams end
+        self.should_exit = True  # not handle_exit: uvicorn would re-raise the SIGTERM after stopping
+
+
+def serve(engine, config: ServerConfig, *, host: str = LOOPBACK, port: int = 8000, log_level: str = "info",
+          shutdown_timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+    """Serves `engine` until interrupted (Ctrl-C) or terminated (SIGTERM: drains first, see _DrainingServer);
+    the step thread stops with the server."""
     online = AsyncEngine(engine)
+    server = _DrainingServer(uvicorn.Config(build_app(online, config), host=host, port=port, log_level=log_level),
+                             online, shutdown_timeout)
     try:
-        uvicorn.run(build_app(online, config), host=host, port=port, log_level=log_level)
+        server.run()
     except KeyboardInterrupt:  # some uvicorn versions re-raise the Ctrl-C they handled: a normal stop
         pass
     finally:

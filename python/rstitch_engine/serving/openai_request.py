@@ -5,13 +5,14 @@ and a 4xx status; the server never turns bad input into a 500. Fields OpenAI def
 not implement (logprobs, tools, penalties, ...) are refused by name rather than ignored, and so are fields
 OpenAI does not define. A null value means "not given", as in OpenAI's API.
 
-The `rstitch` field routes one request (serving.md, 'What a hybrid SLM/LLM engine can offer'):
+The `rstitch` field routes one request (docs/serving.md, 'What a hybrid engine adds'):
 `{"policy": "rstitch", "tau": 0.05}`, `{"policy": "spec", "k": 4}`, `{"policy": "llm"}`,
 `{"policy": "rstitch:0.05:down0.02"}` (the CLI's policy grammar), `{"policy": "rstitch+"}` (the router the
 server loaded), and `"return_sources": true` for per-token sources and entropies.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -41,7 +42,14 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed",
                  "stream", "stream_options", "ignore_eos", "min_tokens", "skip_special_tokens", "rstitch"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "chat_template_kwargs"}
-RSTITCH_FIELDS = {"policy", "tau", "tau_down", "handover_after", "min_llm_run", "k", "router", "return_sources"}
+# The policies a request may name, each with the fields of its dataclass a request may set (all but those the
+# server or the benchmarks own: the loaded router, its sampling temperature, forced acceptance rates).
+REQUEST_POLICIES = {"llm": P.LLMOnly, "slm": P.SLMOnly, "rstitch": P.RStitch, "spec": P.SpecDecode,
+                    "rstitch+": P.RStitchPlus}
+NOT_PER_REQUEST = {"router", "temperature", "accept_rate"}
+POLICY_FIELDS = {name: {f.name for f in dataclasses.fields(cls) if f.init and f.name not in NOT_PER_REQUEST}
+                 for name, cls in REQUEST_POLICIES.items()}
+RSTITCH_FIELDS = {"policy", "router", "return_sources"}.union(*POLICY_FIELDS.values())
 
 
 @dataclass
@@ -140,34 +148,25 @@ def _policy(body: dict, router) -> tuple[P.Policy | None, bool]:
     if not isinstance(name, str):
         raise _type_error("rstitch.policy", "a string", name)
     fields = {k: v for k, v in spec.items() if k not in ("policy", "return_sources", "router") and v is not None}
-    allowed = {"llm": set(), "slm": set(), "rstitch": {"tau", "tau_down", "handover_after", "min_llm_run"},
-               "spec": {"k"}, "rstitch+": {"tau", "tau_down"}}
     try:
         if ":" in name:  # the CLI grammar: the whole policy in one string
             if fields:
                 raise APIError(f"'rstitch.policy' {name!r} already says everything; drop {sorted(fields)}",
                                param="rstitch.policy")
             policy = P.parse_policy(name)
-        elif name not in allowed:
-            raise APIError(f"unknown 'rstitch.policy' {name!r}; use llm, slm, rstitch, spec, rstitch+ or a policy "
+        elif name not in REQUEST_POLICIES:
+            raise APIError(f"unknown 'rstitch.policy' {name!r}; use {', '.join(REQUEST_POLICIES)} or a policy "
                            f"string such as 'rstitch:0.05'", param="rstitch.policy")
         else:
-            extra = sorted(set(fields) - allowed[name])
+            extra = sorted(set(fields) - POLICY_FIELDS[name])
             if extra:
                 raise APIError(f"'rstitch.{extra[0]}' does not apply to policy {name!r}", param=f"rstitch.{extra[0]}")
-            if name == "llm":
-                policy = P.LLMOnly()
-            elif name == "slm":
-                policy = P.SLMOnly()
-            elif name == "spec":
-                policy = P.SpecDecode(**fields)
-            elif name == "rstitch":
-                policy = P.RStitch(**fields)
-            else:
+            if name == "rstitch+":
                 if router is None:
                     raise APIError("policy 'rstitch+' needs a router: start the server with --router",
                                    param="rstitch.policy")
-                policy = P.RStitchPlus(router=router, **fields)
+                fields["router"] = router
+            policy = REQUEST_POLICIES[name](**fields)
     except APIError:
         raise
     except (ValueError, TypeError) as e:
