@@ -11,10 +11,13 @@ from rstitch_engine.models.decoder import forward
 from rstitch_engine.models.rope import cos_sin_table
 
 
-def engine_logits(path, ids: list[int], *, dtype=torch.float32, triton: bool = False, block_size: int = 4):
-    """[T, V] logits of one prefill of `ids` through the paged forward (blocks deliberately shuffled)."""
-    cfg = ModelConfig.from_dir(path)
-    w = load_weights(path, cfg, dtype, torch.device("cpu"))
+def engine_logits(path, ids: list[int], *, dtype=torch.float32, triton: bool = False, block_size: int = 4,
+                  shard: tuple[int, int] = (0, 1), all_reduce=None):
+    """[T, V] logits of one prefill of `ids` through the paged forward (blocks deliberately shuffled); with
+    `shard` (rank, size) and `all_reduce`, one tensor-parallel rank's part of it."""
+    full = ModelConfig.from_dir(path)
+    cfg = full.shard(shard[1])
+    w = load_weights(path, full, dtype, torch.device("cpu"), shard=shard)
     T = len(ids)
     nb = -(-T // block_size) + 2
     pool = KVPool(cfg, nb, block_size, dtype, "cpu")
@@ -23,7 +26,7 @@ def engine_logits(path, ids: list[int], *, dtype=torch.float32, triton: bool = F
     meta = AttentionMeta.one_sequence(slots, order[None], T, cfg.head_dim ** -0.5)
     ops = Ops(triton)
     hidden = forward(cfg, w, ops, w.embed[torch.tensor(ids)], torch.arange(T, dtype=torch.int32), pool.layers,
-                     meta, cos_sin_table(cfg, T))
+                     meta, cos_sin_table(cfg, T), all_reduce=all_reduce)
     return ops.lm_head(hidden, w.lm_head).float()
 
 

@@ -28,28 +28,11 @@ def _rank_logits(rank: int, size: int, port: int, path: str, ids: list[int], out
     """One rank: its shard of the weights, the forward with gloo all-reduces; rank 0 sends the logits."""
     import torch.distributed as dist
 
-    from rstitch_engine.engine.kv_pool import KVPool
-    from rstitch_engine.engine.ops import AttentionMeta, Ops
-    from rstitch_engine.loader import load_weights
-    from rstitch_engine.models.decoder import forward
-    from rstitch_engine.models.rope import cos_sin_table
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=size)
     try:
-        full = ModelConfig.from_dir(path)
-        cfg = full.shard(size)
-        w = load_weights(path, full, torch.float32, torch.device("cpu"), shard=(rank, size))
-        T, block = len(ids), 4
-        blocks = -(-T // block)
-        pool = KVPool(cfg, blocks, block, torch.float32, "cpu")
-        meta = AttentionMeta.one_sequence(torch.arange(T, dtype=torch.int32),
-                                          torch.arange(blocks, dtype=torch.int32)[None], T, cfg.head_dim ** -0.5)
-        ops = Ops(False)
-        hidden = forward(cfg, w, ops, w.embed[torch.tensor(ids)], torch.arange(T, dtype=torch.int32), pool.layers,
-                         meta, cos_sin_table(cfg, T), all_reduce=dist.all_reduce)
-        logits = ops.lm_head(hidden, w.lm_head).float()
+        logits = engine_logits(path, ids, shard=(rank, size), all_reduce=dist.all_reduce)
         if rank == 0:
             out.put(logits)
         dist.barrier()
