@@ -30,11 +30,9 @@ import torch.nn.functional as F
 
 from rstitch_engine import Engine
 from rstitch_engine.bench import copy_bandwidth
-from rstitch_engine.engine.kv_pool import KVPool
-from rstitch_engine.engine.ops import AttentionMeta, Ops
+from rstitch_engine.engine.ops import Ops
+from rstitch_engine.engine.sequence import SequenceForward
 from rstitch_engine.evaluation.report import collect_meta
-from rstitch_engine.models.decoder import forward
-from rstitch_engine.models.rope import cos_sin_table
 from rstitch_engine.protocol import LLM
 from rstitch_engine.router.calibrate import Grid, profile
 
@@ -73,25 +71,13 @@ def matmuls_ms(w, span: int, repeats: int) -> float:
     return median_ms(run, repeats)
 
 
-def forward_ms(cfg, w, dtype, context: int, span: int, repeats: int) -> float:
+def forward_ms(cfg, w, context: int, span: int, repeats: int) -> float:
     """The engine's decoder forward of `span` tokens over `context` cached ones in a private pool of one
     sequence, plus the LM head on the last row: the model's own cost without scheduler, runner or stitch step."""
-    block = 16
-    n_blocks = -(-(context + span) // block)
-    pool = KVPool(cfg, n_blocks, block, dtype, "cpu")
-    ops = Ops(triton=False)
-    table = torch.arange(n_blocks, dtype=torch.int32)[None]
-    cos_sin = cos_sin_table(cfg, context + span, "cpu")
-    positions = torch.arange(context, context + span, dtype=torch.int32)
-    meta = AttentionMeta.one_sequence(positions, table, context + span, cfg.head_dim ** -0.5)
+    sequence = SequenceForward(cfg, w, Ops(triton=False), context + span)
     ids = torch.randint(0, cfg.vocab_size, (span,), dtype=torch.int32)
-
-    def run():
-        hidden = forward(cfg, w, ops, w.embed[ids], positions, pool.layers, meta, cos_sin,
-                         logits_rows=meta.query_start_loc[1:] - 1)
-        ops.lm_head(hidden, w.lm_head)
-
-    return median_ms(run, repeats)
+    last = torch.tensor([span - 1], dtype=torch.int32)
+    return median_ms(lambda: sequence.logits(ids, context, last), repeats)
 
 
 def transformers_ms(model, vocab: int, context: int, span: int, repeats: int) -> float:
@@ -127,7 +113,7 @@ def measure(source: str, model_name: str, dtype: str, context: int, spans: list[
     with torch.no_grad():
         for span in spans:
             rows.append({"model": model_name, "span": span, "engine_ms": timed[span],
-                         "forward_ms": forward_ms(cfg, runner.weights, engine.dtype, context, span, repeats),
+                         "forward_ms": forward_ms(cfg, runner.weights, context, span, repeats),
                          "matmuls_ms": matmuls_ms(runner.weights, span, repeats), "stream_ms": stream})
     del engine, runner  # the transformers copy of the model is loaded next: never both
     from transformers import AutoModelForCausalLM

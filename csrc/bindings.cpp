@@ -61,6 +61,9 @@ py::dict stats_dict(const Stats& s) {
   d["llm_wait_s"] = s.llm_wait_s;
   d["time_slm_s"] = s.time_slm_s;
   d["time_llm_s"] = s.time_llm_s;
+  d["prefix_queries"] = s.prefix_queries;
+  d["prefix_hits_slm"] = s.prefix_hits[kSLM];
+  d["prefix_hits_llm"] = s.prefix_hits[kLLM];
   return d;
 }
 
@@ -98,7 +101,20 @@ PYBIND11_MODULE(_C, m) {
       .def("cover", [](BlockManager& b, BlockTable t, int64_t n) { b.cover(t, n); return t; })
       .def("truncate", [](BlockManager& b, BlockTable t, int64_t n) { b.truncate(t, n); return t; })
       .def("release", [](BlockManager& b, BlockTable t) { b.release(t); return t; })
-      .def("slot", &BlockManager::slot);
+      .def("slot", &BlockManager::slot)
+      .def_property_readonly("num_cached", &BlockManager::num_cached)
+      .def("match", &BlockManager::match, py::arg("tokens"), py::arg("limit"))
+      .def("share", [](BlockManager& b, const std::vector<int32_t>& blocks) {
+        BlockTable t;
+        b.share(t, blocks);
+        return t;
+      })
+      .def("hash_block", &BlockManager::hash_block, py::arg("table"), py::arg("tokens"), py::arg("index"))
+      .def("is_cached", &BlockManager::is_cached)
+      .def("has_kv", &BlockManager::has_kv)
+      .def("set_kv", &BlockManager::set_kv)
+      .def("forget", &BlockManager::forget)
+      .def("reset_cache", &BlockManager::reset_cache);
 
   py::class_<SchedulerConfig>(m, "SchedulerConfig")
       .def(py::init<>())
@@ -115,7 +131,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("watermark_blocks", &SchedulerConfig::watermark_blocks)
       .def_readwrite("llm_min_batch", &SchedulerConfig::llm_min_batch)
       .def_readwrite("llm_batch_share", &SchedulerConfig::llm_batch_share)
-      .def_readwrite("llm_max_wait", &SchedulerConfig::llm_max_wait);
+      .def_readwrite("llm_max_wait", &SchedulerConfig::llm_max_wait)
+      .def_readwrite("prefix_caching", &SchedulerConfig::prefix_caching);
 
   py::class_<RequestSpec>(m, "RequestSpec")
       .def(py::init<>())
@@ -158,7 +175,6 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_blocks", [](const Scheduler& s) { return s.blocks().num_blocks(); })
       .def_property_readonly("num_waiting", &Scheduler::num_waiting)
       .def_property_readonly("num_running", &Scheduler::num_running)
-      .def_property_readonly("planned_steps", &Scheduler::planned_steps)
       .def_property_readonly("llm_steps", &Scheduler::llm_steps)
       .def_property_readonly("llm_step_rows", &Scheduler::llm_step_rows)
       .def("set_parking", &Scheduler::set_parking, py::arg("llm_min_batch"), py::arg("llm_batch_share"),
@@ -168,6 +184,8 @@ PYBIND11_MODULE(_C, m) {
       .def("abort", [](Scheduler& s, int64_t id) { s.finish(id, Finish::kAbort); })
       .def("finish_stop", [](Scheduler& s, int64_t id) { s.finish(id, Finish::kStop); })
       .def("fail", [](Scheduler& s, int64_t id, const std::string& why) { s.finish(id, Finish::kError, why); })
+      .def("reset_prefix_cache", &Scheduler::reset_prefix_cache)
+      .def_property_readonly("num_cached_blocks", [](const Scheduler& s) { return s.blocks().num_cached(); })
       .def("plan",
            [](Scheduler& s, int64_t step, Buffer<int32_t> slm_i32, Buffer<float> slm_f32, Buffer<int32_t> llm_i32,
               Buffer<float> llm_f32, py::array_t<int32_t, py::array::c_style> table_updates) {

@@ -18,6 +18,8 @@ struct Next {
   int32_t start, end, num_logits;
 };
 
+Next next_dispatch(const Request& r, int32_t max_model_len);
+
 }  // namespace
 
 Scheduler::Scheduler(const SchedulerConfig& cfg)
@@ -132,12 +134,59 @@ void Scheduler::end(Request& r, Finish why, const std::string& error) {
   finished_.push_back(r.spec.id);
 }
 
-void Scheduler::admit(Request& r) {
+bool Scheduler::reset_prefix_cache() { return running_.empty() && blocks_.reset_cache(); }
+
+bool Scheduler::admit(Request& r, int64_t step, std::array<SubBatch, 2>& sub, StepRecord& rec, int32_t reserve) {
+  if (cfg_.prefix_caching) {
+    // the cached blocks of the longest known prefix, short of the last token (it must be fed)
+    blocks_.share(r.table, blocks_.match(r.tokens, static_cast<int64_t>(r.tokens.size()) - 1));
+    r.num_hashed = static_cast<int32_t>(r.table.size());
+    reuse_cached_kv(r);
+  }
+  const Next nx = next_dispatch(r, cfg_.max_model_len);
+  const SubBatch& sb = sub[nx.model];
+  const int32_t first_end = std::min(nx.end, nx.start + (layout_.max_tokens - sb.tokens));
+  if (sb.rows >= layout_.max_rows || sb.tokens >= layout_.max_tokens ||
+      blocks_.missing(r.table, first_end) + reserve > blocks_.num_free()) {
+    blocks_.release(r.table);
+    r.num_hashed = 0;
+    r.filled = {0, 0};
+    return false;
+  }
+  waiting_.pop_front();
+  if (!r.started) started_.push_back(r.spec.id);
+  r.started = true;
+  if (cfg_.prefix_caching) {
+    r.stats.prefix_queries += static_cast<int64_t>(r.tokens.size());
+    for (int32_t m = 0; m < 2; ++m) r.stats.prefix_hits[m] += r.filled[m];
+  }
   r.seq_slot = free_slots_.back();
   free_slots_.pop_back();
   r.phase = Phase::kRunning;
   r.table_synced = 0;
   running_.push_back(&r);
+  schedule(r, step, sub, rec);
+  return true;
+}
+
+void Scheduler::hash_committed(Request& r) {
+  const int32_t bs = cfg_.block_size;
+  const int32_t full = std::min(static_cast<int32_t>(r.tokens.size()) / bs, static_cast<int32_t>(r.table.size()));
+  for (int32_t i = r.num_hashed; i < full; ++i) {
+    blocks_.hash_block(r.table, r.tokens, i);
+    // committed positions below filled[m] hold model m's KV of the committed tokens (rollback's invariant)
+    for (int32_t m = 0; m < 2; ++m)
+      if (r.filled[m] >= (i + 1) * bs) blocks_.set_kv(r.table[i], m);
+  }
+  r.num_hashed = std::max(r.num_hashed, full);
+}
+
+void Scheduler::reuse_cached_kv(Request& r) {
+  const int32_t bs = cfg_.block_size;
+  for (int32_t m = 0; m < 2; ++m) {
+    int32_t& f = r.filled[m];
+    while (f % bs == 0 && f / bs < r.num_hashed && blocks_.has_kv(r.table[f / bs], m)) f += bs;
+  }
 }
 
 void Scheduler::preempt(Request& r) {
@@ -150,6 +199,7 @@ void Scheduler::preempt(Request& r) {
   r.seq_slot = -1;
   r.inflight.clear();
   r.filled = {0, 0};
+  r.num_hashed = 0;
   r.vlen = static_cast<int32_t>(r.tokens.size());
   r.vllm_run = r.llm_run;
   r.drafts.clear();
@@ -157,6 +207,24 @@ void Scheduler::preempt(Request& r) {
   r.awaiting = false;
   r.phase = Phase::kWaiting;
   waiting_.push_front(&r);
+}
+
+void Scheduler::fail_nonfinite(Request& r, const std::string& why) {
+  // r's KV may hold the NaN: no later request may reuse its cached blocks, and running requests that share
+  // one have read it (an attention backend may turn NaN into zeros, so they need not have noticed).
+  std::vector<int32_t> cached;
+  for (int32_t i = 0; i < r.num_hashed; ++i)
+    if (blocks_.is_cached(r.table[i])) cached.push_back(r.table[i]);
+  std::vector<Request*> sharers;
+  for (Request* o : running_)
+    if (o != &r && std::any_of(o->table.begin(), o->table.begin() + o->num_hashed, [&](int32_t b) {
+          return std::find(cached.begin(), cached.end(), b) != cached.end();
+        }))
+      sharers.push_back(o);
+  for (int32_t b : cached) blocks_.forget(b);
+  end(r, Finish::kError, why);
+  for (Request* o : sharers)
+    end(*o, Finish::kError, "its prompt shares cached KV blocks with a request whose KV held NaN/inf values");
 }
 
 void Scheduler::rollback(Request& r) {
@@ -215,7 +283,9 @@ bool Scheduler::dispatchable(const Request& r) const {
   return r.vlen - r.n_prompt < r.spec.max_tokens && r.vlen < cfg_.max_model_len;
 }
 
-static Next next_dispatch(const Request& r, int32_t max_model_len) {
+namespace {
+
+Next next_dispatch(const Request& r, int32_t max_model_len) {
   Next n{};
   if (r.spec.spec_k > 0) {
     const int32_t len = static_cast<int32_t>(r.tokens.size());
@@ -233,6 +303,8 @@ static Next next_dispatch(const Request& r, int32_t max_model_len) {
   n.start = std::min(r.filled[n.model], n.end - n.num_logits);
   return n;
 }
+
+}  // namespace
 
 bool Scheduler::make_room(Request& r, int64_t num_tokens) {
   while (!blocks_.can_cover(r.table, num_tokens)) {
@@ -256,6 +328,11 @@ bool Scheduler::make_room(Request& r, int64_t num_tokens) {
 }
 
 bool Scheduler::schedule(Request& r, int64_t step, std::array<SubBatch, 2>& sub, StepRecord& rec) {
+  if (cfg_.prefix_caching) {  // KV of shared blocks that another request computed since the last dispatch
+    const std::array<int32_t, 2> before = r.filled;
+    reuse_cached_kv(r);
+    for (int32_t m = 0; m < 2; ++m) r.stats.prefix_hits[m] += r.filled[m] - before[m];
+  }
   Next nx = next_dispatch(r, cfg_.max_model_len);
   SubBatch& sb = sub[nx.model];
   if (sb.rows >= layout_.max_rows) return false;
@@ -272,8 +349,13 @@ bool Scheduler::schedule(Request& r, int64_t step, std::array<SubBatch, 2>& sub,
     num_logits = 0;
   }
   if (!make_room(r, end)) return false;
+  if (cfg_.prefix_caching) hash_committed(r);
 
   write_row(r, sb, nx.model, kind, nx.start, end, num_logits);
+  // Hashed blocks this dispatch completes hold its model's KV from now on: steps run in order, so any
+  // later reader runs after this write (a reader in the same step too: each layer stores, then attends).
+  for (int32_t i = nx.start / cfg_.block_size; i < std::min(end / cfg_.block_size, r.num_hashed); ++i)
+    blocks_.set_kv(r.table[i], nx.model);
   const int32_t span = end - nx.start;
   if (span > 1) (nx.model == kSLM ? r.stats.extend_tokens_slm : r.stats.extend_tokens_llm) += span;
   r.filled[nx.model] = end;
@@ -328,7 +410,10 @@ void Scheduler::write_row(Request& r, SubBatch& sb, int32_t model, Kind kind, in
     I[L.input_ids + t] = known ? r.tokens[pos] : -1;
     I[L.token_index + t] = known ? -1 : r.seq_slot * cfg_.max_model_len + pos;
     I[L.positions + t] = pos;
-    I[L.slot_mapping + t] = static_cast<int32_t>(blocks_.slot(r.table, pos));
+    // KV a shared block holds already is not stored again (-1, as padding): the same tokens at the same
+    // positions, and another request may be reading it
+    const int32_t block = r.table[pos / cfg_.block_size];
+    I[L.slot_mapping + t] = blocks_.has_kv(block, model) ? -1 : static_cast<int32_t>(blocks_.slot(r.table, pos));
   }
   I[L.query_start_loc + row] = t0;
   I[L.query_start_loc + row + 1] = t0 + n;
@@ -417,19 +502,8 @@ int32_t Scheduler::plan(int64_t step, std::array<PlanBuffers, 2> bufs, int32_t* 
     if (schedule(*r, step, sub, rec)) r->parked_steps = 0;
   }
 
-  while (!waiting_.empty() && !free_slots_.empty()) {
-    Request& r = *waiting_.front();
-    const Next nx = next_dispatch(r, cfg_.max_model_len);
-    const SubBatch& sb = sub[nx.model];
-    if (sb.rows >= layout_.max_rows || sb.tokens >= layout_.max_tokens) break;
-    const int32_t first_end = std::min(nx.end, nx.start + (layout_.max_tokens - sb.tokens));
-    const int32_t reserve = running_.empty() ? 0 : cfg_.watermark_blocks;
-    if (blocks_.blocks_for(first_end) + reserve > blocks_.num_free()) break;
-    waiting_.pop_front();
-    if (!r.started) started_.push_back(r.spec.id);
-    r.started = true;
-    admit(r);
-    schedule(r, step, sub, rec);
+  while (!waiting_.empty() && !free_slots_.empty() &&
+         admit(*waiting_.front(), step, sub, rec, running_.empty() ? 0 : cfg_.watermark_blocks)) {
   }
 
   int32_t rows = 0;
@@ -443,7 +517,6 @@ int32_t Scheduler::plan(int64_t step, std::array<PlanBuffers, 2> bufs, int32_t* 
   table_updates[0] = static_cast<int32_t>(num_table_updates_);
   if (rows > 0) {
     steps_[step] = std::move(rec);
-    ++planned_steps_;
     if (sub[kLLM].rows > 0 && cfg_.has_model[kLLM]) {
       ++llm_steps_;
       llm_step_rows_ += sub[kLLM].rows;
@@ -476,9 +549,9 @@ void Scheduler::apply(Request& r, const Dispatch& d, const Results& res, int64_t
   Event ev{r.spec.id, {}, {}, {}, Finish::kNone};
   r.trace.push_back({d.model, d.end - d.start, d.start});
   auto nan_error = [&](int64_t at) {
-    end(r, Finish::kError,
-        std::string("the ") + model_name(d.model) + " produced NaN/inf values (logits or hidden states) at position " +
-            std::to_string(r.tokens.size() + (at - row)));
+    fail_nonfinite(r, std::string("the ") + model_name(d.model) +
+                          " produced NaN/inf values (logits or hidden states) at position " +
+                          std::to_string(r.tokens.size() + (at - row)));
   };
   switch (d.kind) {
     case Kind::kChunk:

@@ -54,6 +54,7 @@ struct SchedulerConfig {
   int32_t llm_min_batch = 1;
   float llm_batch_share = 0.f;
   int32_t llm_max_wait = 0;
+  bool prefix_caching = false;     // share the KV of equal prompt prefixes (block_manager.h)
 };
 
 struct RequestSpec {
@@ -88,6 +89,9 @@ struct Stats {
   int64_t llm_wait_steps = 0;  // steps this request's LLM row was parked
   double time_slm_s = 0.0, time_llm_s = 0.0;
   double llm_wait_s = 0.0;     // the time of those steps
+  // prefix caching: tokens looked up at admission, and per model those whose KV came from the cache
+  int64_t prefix_queries = 0;
+  std::array<int64_t, 2> prefix_hits{0, 0};
 };
 
 struct Dispatch {
@@ -127,6 +131,7 @@ struct Request {
   int32_t parked_steps = 0;             // steps this row has waited for an LLM batch to form
   int32_t seq_slot = -1;
   BlockTable table;
+  int32_t num_hashed = 0;               // leading table blocks hashed (full, committed): prefix caching
   size_t table_synced = 0;              // leading table entries already on the device
   std::deque<Dispatch> inflight;
   std::vector<TraceEntry> trace;        // committed dispatches, in order (stale ones excluded)
@@ -171,6 +176,9 @@ class Scheduler {
   // Returns "" when accepted, else why the request was refused (it is then not queued).
   std::string add(const RequestSpec& spec);
   void finish(int64_t id, Finish why, const std::string& error = "");
+  // Forgets the cached prefixes (after a step that failed to run, whose KV the cache must not trust);
+  // false while requests run.
+  bool reset_prefix_cache();
   bool has_unfinished() const { return !waiting_.empty() || !running_.empty(); }
   size_t num_waiting() const { return waiting_.size(); }
   size_t num_running() const { return running_.size(); }
@@ -187,7 +195,6 @@ class Scheduler {
   // Requests admitted to running for the first time since the last call (queue-time metrics).
   std::vector<int64_t> take_started();
 
-  int64_t planned_steps() const { return planned_steps_; }
   int64_t llm_steps() const { return llm_steps_; }          // planned steps with LLM rows
   int64_t llm_step_rows() const { return llm_step_rows_; }  // LLM rows over those steps
 
@@ -213,12 +220,17 @@ class Scheduler {
   // Covers r's table up to num_tokens, preempting newer requests if needed; false if r itself was preempted.
   bool make_room(Request& r, int64_t num_tokens);
   void preempt(Request& r);
-  void admit(Request& r);
+  // Admits r if the blocks it needs beyond its cached prefix are free (keeping `reserve` free); false if not.
+  bool admit(Request& r, int64_t step, std::array<SubBatch, 2>& sub, StepRecord& rec, int32_t reserve);
+  // Prefix caching: hashes r's full committed blocks, and moves r's filled lengths past cached KV.
+  void hash_committed(Request& r);
+  void reuse_cached_kv(Request& r);
   void write_row(Request& r, SubBatch& sb, int32_t model, Kind kind, int32_t start, int32_t end,
                  int32_t num_logits);
   void apply(Request& r, const Dispatch& d, const Results& res, int64_t row, std::vector<Event>& events);
   bool emit(Request& r, int32_t token, int32_t source, float entropy, Event& ev);
   void rollback(Request& r);
+  void fail_nonfinite(Request& r, const std::string& why);
   void end(Request& r, Finish why, const std::string& error = "");
   float tau_up(const Request& r, int32_t out_index) const;
   float tau_down(const Request& r, int32_t out_index) const;
@@ -238,7 +250,6 @@ class Scheduler {
   std::vector<int64_t> started_;
   int32_t* table_updates_ = nullptr;
   int64_t num_table_updates_ = 0;
-  int64_t planned_steps_ = 0;
   int64_t llm_steps_ = 0, llm_step_rows_ = 0;
   int64_t current_step_ = -1;
 };

@@ -23,6 +23,7 @@ from rstitch_engine.engine_config import EngineConfig
 from rstitch_engine.protocol import MODELS
 
 from .executor import Executor
+from .mp_executor import MultiprocExecutor
 from .kv_pool import num_blocks_for_budget
 from .plan import HostPlan, PlanLayout
 
@@ -48,7 +49,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig, models: dict[int, ModelConfig], paths: dict[int, Path | None], *,
                  vocab_limit: int, max_model_len: int):
         # the weights first: on CUDA the KV budget is a share of the memory they leave free
-        self.executor = Executor(config, models, paths, vocab_limit=vocab_limit)
+        executor = MultiprocExecutor if config.tensor_parallel_size > 1 else Executor
+        self.executor = executor(config, models, paths, vocab_limit=vocab_limit)
         num_blocks, self.max_model_len = _pool_size(config, list(models.values()), config.torch_dtype,
                                                     max_model_len)
         self.scheduler_config = config.scheduler_config(

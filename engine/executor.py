@@ -3,7 +3,7 @@ the plans to `execute` and later collects each model's results; everything else 
 rank alike (build the KV cache, install a router, size the draft buffers, a forward outside the step loop)
 goes through
 `collective_rpc`, which calls a Worker method by name and returns each rank's answer. This executor runs one
-worker in the engine's own process.
+worker in the engine's own process; with tensor parallelism the core uses engine/mp_executor.py instead.
 """
 from __future__ import annotations
 
@@ -31,3 +31,6 @@ class Executor:
     def collective_rpc(self, method: str, *args, **kwargs) -> list:
         """Calls Worker.`method` on every worker; their answers, rank 0 first."""
         return [getattr(self.worker, method)(*args, **kwargs)]
+
+    def close(self) -> None:
+        """Nothing to stop: the worker lives in this process (MultiprocExecutor stops its ranks here)."""

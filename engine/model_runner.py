@@ -14,6 +14,7 @@ import torch
 from rstitch_engine.config import ModelConfig
 from rstitch_engine.models.decoder import ModelWeights, forward
 from rstitch_engine.models.rope import cos_sin_table
+from rstitch_engine.protocol import MODELS
 from rstitch_engine.kernels.spec_verify import verify_drafts
 
 from .kv_pool import KVPool
@@ -23,12 +24,19 @@ from .readback import result_views
 
 
 class DeviceTables:
-    """Per sequence slot, shared by both models: the block table, and the tokens produced on the device
-    (the next step may need a token before the host has read it). Row `num_slots` is a sink for padding."""
+    """Per sequence slot, shared by both models: the block table, the tokens produced on the device (the
+    next step may need a token before the host has read it), and per model whether the request's KV holds a
+    non-finite value. Row `num_slots` is a sink for padding.
+
+    The NaN flags (models/decoder.py `forward`) are set by the layers through each token's slot, read by the
+    stitch step, sticky across steps (a chunked prefill decides nothing), and cleared when a slot gets a new
+    occupant: the step whose block-table update writes the slot's first entry. (Not where a model's KV is
+    rebuilt from position 0: with prefix caching a request may never compute position 0 itself.)"""
 
     def __init__(self, num_slots: int, max_blocks: int, max_model_len: int, device):
         self.blocks = torch.zeros(num_slots + 1, max_blocks, dtype=torch.int32, device=device)
         self.tokens = torch.zeros(num_slots + 1, max_model_len, dtype=torch.int32, device=device)
+        self.nonfinite = torch.zeros(len(MODELS), num_slots + 1, dtype=torch.int32, device=device)
 
     def apply_updates(self, host_updates: torch.Tensor, capacity: int) -> None:
         """Writes the block-table entries the scheduler allocated since the last step."""
@@ -37,7 +45,13 @@ class DeviceTables:
             return
         # one copy: [indices (capacity) | values], of which the first n of each are used
         both = host_updates[1:1 + capacity + n].to(self.blocks.device, non_blocking=True)
-        self.blocks.view(-1)[both[:n].long()] = both[capacity:]
+        entries = both[:n].long()
+        self.blocks.view(-1)[entries] = both[capacity:]
+        # a min with 0 for a slot whose first entry is written (a new occupant), with 1 (kept) for the others;
+        # int32 throughout, so that no dtype conversion adds a copy
+        max_blocks = self.blocks.shape[1]
+        kept = (both[:n] % max_blocks).clamp_(max=1).expand(len(MODELS), n)
+        self.nonfinite.scatter_reduce_(1, (entries // max_blocks).expand(len(MODELS), n), kept, reduce="amin")
 
 
 @dataclass(frozen=True)
@@ -64,8 +78,12 @@ class StepFlags:
 
 class ModelRunner:
     def __init__(self, model: int, cfg: ModelConfig, weights: ModelWeights, pool: KVPool, ops: Ops,
-                 tables: DeviceTables, layout: PlanLayout, vocab_limit: int, max_model_len: int, device):
+                 tables: DeviceTables, layout: PlanLayout, vocab_limit: int, max_model_len: int, device,
+                 all_reduce=None):
+        """`cfg`, `weights` and `pool` are this rank's shard when the model is tensor-parallel, and `all_reduce`
+        sums its partial outputs over the ranks (models/decoder.py `forward`)."""
         self.model, self.cfg, self.weights, self.pool, self.ops = model, cfg, weights, pool, ops
+        self.all_reduce = all_reduce
         self.tables, self.vocab_limit, self.device, self.layout = tables, vocab_limit, device, layout
         self.plan = DevicePlan(layout, device)
         self.logits_capacity = cap = self.plan.views.logits_indices.shape[0]  # logits rows a step can have
@@ -73,12 +91,9 @@ class ModelRunner:
         self.results = torch.zeros(3 * cap, dtype=torch.int32, device=device)
         self.tokens, self.entropies, self.flags = result_views(self.results, cap)
         self.no_cutoff = torch.full((cap,), float("-inf"), device=device)
-        # NaN/inf detection independent of the attention backend (models/decoder.py `forward`): per sequence
-        # slot, whether this model's KV of the request holds a non-finite value, set by the layers through
-        # each token's slot, cleared where the KV is rebuilt from position 0 (rstitch_kernels/embedding.py), read by
-        # the stitch step; sticky across steps, as a chunked prefill decides nothing.
+        # NaN/inf detection independent of the attention backend (DeviceTables.nonfinite)
         self.token_slot = torch.zeros(self.plan.views.input_ids.shape[0], dtype=torch.int32, device=device)
-        self.nonfinite_slots = torch.zeros(tables.tokens.shape[0], dtype=torch.int32, device=device)
+        self.nonfinite_slots = tables.nonfinite[model]
         self.cos_sin = cos_sin_table(cfg, max_model_len, device)
         self.scale = cfg.head_dim ** -0.5
         self.num_slots = tables.tokens.shape[0] - 1
@@ -126,13 +141,13 @@ class ModelRunner:
         token_slot = self.token_slot[:T]
         h = self.ops.embed_tokens(self.weights.embed, v.input_ids[:T], v.token_index[:T], self.tables.tokens.view(-1),
                                   query_start_loc=v.query_start_loc[:R + 1], seq_slot=v.seq_slot[:R],
-                                  positions=v.positions[:T], slot_mapping=v.slot_mapping[:T], token_slot=token_slot,
-                                  nonfinite_slots=self.nonfinite_slots)
+                                  token_slot=token_slot)
         meta = AttentionMeta(slot_mapping=v.slot_mapping[:T], block_tables=blocks,
                              seq_slot=v.seq_slot[:R], query_start_loc=v.query_start_loc[:R + 1],
                              seq_lens=v.seq_lens[:R], max_query_len=max_query_len, scale=self.scale)
         selected = forward(self.cfg, self.weights, self.ops, h, v.positions[:T], self.pool.layers, meta,
-                           self.cos_sin, logits_rows=v.logits_indices[:L], nonfinite=(token_slot, self.nonfinite_slots))
+                           self.cos_sin, logits_rows=v.logits_indices[:L], nonfinite=(token_slot, self.nonfinite_slots),
+                           all_reduce=self.all_reduce)
         if L:
             self.decide(self.ops.lm_head(selected, self.weights.lm_head), selected, flags, L, draft_logits)
 

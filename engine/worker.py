@@ -13,30 +13,38 @@ import torch
 from rstitch_engine.config import ModelConfig
 from rstitch_engine.engine_config import EngineConfig
 from rstitch_engine.loader import load_weights
-from rstitch_engine.models.decoder import forward
-from rstitch_engine.models.rope import cos_sin_table
 from rstitch_engine.protocol import SLM
 from rstitch_engine.random_models import random_weights
 
 from .kv_pool import KVPool
 from .model_runner import DeviceTables, ModelRunner
-from .ops import AttentionMeta, Ops
+from .ops import Ops
 from .plan import HostPlan, PlanLayout
 from .readback import StepResults
+from .sequence import SequenceForward
 
 
 class Worker:
     """Built in two stages, as vLLM's workers are: the weights first, then (`init_cache`) the KV pools and
-    everything sized by them, once the core has measured the memory the weights left."""
+    everything sized by them, once the core has measured the memory the weights left.
+
+    Tensor parallelism (engine/mp_executor.py): worker `rank` of `EngineConfig.tensor_parallel_size` holds its
+    shard of each model the config shards (ModelConfig.shard, load_weights' `shard`) and the whole of the
+    others, and `all_reduce` (a torch.distributed collective) joins the shards' partial outputs."""
 
     def __init__(self, config: EngineConfig, models: dict[int, ModelConfig], paths: dict[int, Path | None],
-                 *, vocab_limit: int):
-        self.config, self.models, self.vocab_limit = config, models, vocab_limit
-        self.device, dtype = config.torch_device, config.torch_dtype
-        # None: random weights of a named shape (benchmarks), seeded per model
-        self.weights = {m: load_weights(p, models[m], dtype, self.device) if p is not None
-                        else random_weights(models[m], dtype, self.device, seed=config.seed + m)
-                        for m, p in paths.items()}
+                 *, vocab_limit: int, rank: int = 0, all_reduce=None):
+        self.vocab_limit, self.device, dtype = vocab_limit, config.torch_device, config.torch_dtype
+        self.config, self.rank, self.all_reduce = config, rank, all_reduce
+        sizes = {m: config.tp_size(m) for m in models}
+        self.models = {m: models[m].shard(sizes[m]) for m in models}
+        self.weights = {}
+        for m, p in paths.items():
+            if p is not None:
+                self.weights[m] = load_weights(p, models[m], dtype, self.device,
+                                               shard=(rank, sizes[m]) if sizes[m] > 1 else (0, 1))
+            else:  # random weights of a named shape (benchmarks), seeded per model; never split (mp_executor)
+                self.weights[m] = random_weights(models[m], dtype, self.device, seed=config.seed + m)
         self.runners: dict[int, ModelRunner] = {}
         self.draft_logits: torch.Tensor | None = None
 
@@ -50,7 +58,9 @@ class Worker:
         self.ops = Ops(triton=config.use_triton)
         self.tables = DeviceTables(config.max_num_seqs, layout.max_blocks_per_seq, max_model_len, device)
         self.runners = {m: ModelRunner(m, models[m], self.weights[m], self.kv_pools[m], self.ops, self.tables,
-                                       layout, self.vocab_limit, max_model_len, device) for m in models}
+                                       layout, self.vocab_limit, max_model_len, device,
+                                       all_reduce=self.all_reduce if config.tp_size(m) > 1 else None)
+                        for m in models}
         mode = config.graph_mode
         if mode is not None:
             from .cuda_graphs import StepGraphs
@@ -107,15 +117,8 @@ class Worker:
         prefix ids[:p + 1], p in `positions`, from one forward over `ids` with a private KV pool (the same
         weights and ops as the steps)."""
         runner = self.runners[model]
-        cfg, w, device = runner.cfg, runner.weights, self.device
-        block = runner.pool.block_size
-        n = len(ids)
-        blocks = -(-n // block)
-        pool = KVPool(cfg, blocks, block, w.embed.dtype, device)
-        i32 = dict(dtype=torch.int32, device=device)
-        meta = AttentionMeta.one_sequence(torch.arange(n, **i32), torch.arange(blocks, **i32)[None], n,
-                                          cfg.head_dim ** -0.5)
-        tokens = torch.tensor(ids, dtype=torch.int64, device=device)
-        hidden = forward(cfg, w, runner.ops, w.embed[tokens], torch.arange(n, **i32), pool.layers, meta,
-                         cos_sin_table(cfg, n, device), logits_rows=torch.tensor(positions, **i32))
-        return runner.ops.lm_head(hidden, w.lm_head)[:, :self.vocab_limit].float()
+        sequence = SequenceForward(runner.cfg, runner.weights, runner.ops, len(ids),
+                                   block_size=runner.pool.block_size, all_reduce=runner.all_reduce)
+        logits = sequence.logits(torch.tensor(ids, device=self.device),
+                                 rows=torch.tensor(positions, dtype=torch.int32, device=self.device))
+        return logits[:, :self.vocab_limit].float()

@@ -1,14 +1,16 @@
-"""Test helpers: a model's full-sequence logits through the engine's own forward, and the same from HF."""
+"""Test helpers: a model's full-sequence logits through the engine's own forward, and the same from HF; a
+checkpoint copy with a NaN embedding row."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 
 from rstitch_engine.config import ModelConfig
-from rstitch_engine.engine.kv_pool import KVPool
-from rstitch_engine.engine.ops import AttentionMeta, Ops
+from rstitch_engine.engine.ops import Ops
+from rstitch_engine.engine.sequence import SequenceForward
 from rstitch_engine.loader import load_weights
-from rstitch_engine.models.decoder import forward
-from rstitch_engine.models.rope import cos_sin_table
 
 
 def engine_logits(path, ids: list[int], *, dtype=torch.float32, triton: bool = False, block_size: int = 4,
@@ -18,16 +20,11 @@ def engine_logits(path, ids: list[int], *, dtype=torch.float32, triton: bool = F
     full = ModelConfig.from_dir(path)
     cfg = full.shard(shard[1])
     w = load_weights(path, full, dtype, torch.device("cpu"), shard=shard)
-    T = len(ids)
-    nb = -(-T // block_size) + 2
-    pool = KVPool(cfg, nb, block_size, dtype, "cpu")
-    order = torch.randperm(nb, generator=torch.Generator().manual_seed(0)).to(torch.int32)
-    slots = (order[torch.arange(T) // block_size] * block_size + torch.arange(T) % block_size).to(torch.int32)
-    meta = AttentionMeta.one_sequence(slots, order[None], T, cfg.head_dim ** -0.5)
-    ops = Ops(triton)
-    hidden = forward(cfg, w, ops, w.embed[torch.tensor(ids)], torch.arange(T, dtype=torch.int32), pool.layers,
-                     meta, cos_sin_table(cfg, T), all_reduce=all_reduce)
-    return ops.lm_head(hidden, w.lm_head).float()
+    blocks = -(-len(ids) // block_size)
+    shuffled = torch.randperm(blocks + 2, generator=torch.Generator().manual_seed(0))[:blocks]  # 2 spare blocks
+    sequence = SequenceForward(cfg, w, Ops(triton), len(ids), block_size=block_size, block_order=shuffled,
+                               all_reduce=all_reduce)
+    return sequence.logits(torch.tensor(ids)).float()
 
 
 def hf_model(path, dtype=torch.float32):
@@ -39,3 +36,14 @@ def hf_model(path, dtype=torch.float32):
 def hf_logits(path, ids: list[int], dtype=torch.float32) -> torch.Tensor:
     with torch.no_grad():
         return hf_model(path, dtype)(torch.tensor([ids])).logits[0].float()
+
+
+def nan_embedding_copy(src: Path, dst: Path, token: int = 77) -> Path:
+    """A copy of checkpoint `src` in `dst` whose embedding row `token` is NaN: a request holding that token
+    fails in that model."""
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    weights = load_file(dst / "model.safetensors")
+    weights["model.embed_tokens.weight"][token] = float("nan")
+    save_file(weights, dst / "model.safetensors")
+    return dst

@@ -38,6 +38,13 @@ def test_summary_follows_vllm_definitions():
     assert row["goodput_req_s"] == 0.5
     assert row["llm_share"] == pytest.approx(2 / 6) and row["switches_per_1k"] == pytest.approx(1000 * 2 / 6)
     assert row["errors"] == ["HTTP 400: bad"]
+    assert row["prefix_hit_rate_slm"] is None  # no prefix statistics in these answers
+    cached = [RequestResult(ok=True, output_tokens=1, rstitch={"prefix_queries": 40, "prefix_hits_slm": 32,
+                                                               "prefix_hits_llm": 0}),
+              RequestResult(ok=True, output_tokens=1, rstitch={"prefix_queries": 60, "prefix_hits_slm": 48,
+                                                               "prefix_hits_llm": 48})]
+    row = summarize(cached, duration=1.0, goodput={})
+    assert (row["prefix_hit_rate_slm"], row["prefix_hit_rate_llm"]) == (0.8, 0.48)
 
 
 def test_request_bodies_assign_policies_round_robin():
@@ -45,6 +52,12 @@ def test_request_bodies_assign_policies_round_robin():
                             seed=3)
     assert [b["rstitch"]["policy"] for b in bodies] == ["llm", "rstitch:0.05", "llm"]
     assert [b["seed"] for b in bodies] == [3, 4, 5] and all(b["stream"] for b in bodies)
+    assert all(len(b["messages"]) == 1 for b in bodies)
+    shared = request_bodies(["a", "b"], ["llm"], model=None, max_tokens=8, temperature=0.0, seed=None,
+                            system_prompt_words=50)
+    system = [b["messages"][0] for b in shared]
+    assert system[0] == system[1] and system[0]["role"] == "system" and len(system[0]["content"].split()) == 50
+    assert [b["messages"][1] for b in shared] == [b["messages"][0] for b in bodies[:2]]
 
 
 def test_bench_serve_in_process_with_offline_comparison(pair, tmp_path):
@@ -60,6 +73,18 @@ def test_bench_serve_in_process_with_offline_comparison(pair, tmp_path):
         assert r["ttft_ms_p50"] > 0 and 0 <= r["llm_share"] <= 1
     assert rows[0]["llm_share"] == 1 and rows[0]["server_vs_offline"] > 0 and "offline_tok_s" not in rows[1]
     assert "| policy |" in (out / "bench_serve.md").read_text()
+
+
+def test_bench_serve_shared_prefix_passes_start_cold(pair, tmp_path):
+    """With a shared system prompt the requests after a pass's first hit it, and every pass starts cold: the
+    second pass (the same prompts, SLM-only again under another name) hits exactly as often as the first."""
+    out = tmp_path / "results"
+    main(["bench", "serve", "--slm", str(pair[0]), "--llm", str(pair[1]), "--dtype", "float32", "--device", "cpu",
+          "--synthetic", "3", "--max-tokens", "4", "--policies", "slm,rstitch:2", "--system-prompt-words", "40",
+          "--no-offline", "--out", str(out)])
+    first, second = json.loads((out / "bench_serve.json").read_text())["rows"]
+    assert 0 < first["prefix_hit_rate_slm"] < 1 and first["prefix_hit_rate_llm"] == 0
+    assert second["prefix_hit_rate_slm"] == first["prefix_hit_rate_slm"]
 
 
 def test_bench_serve_sends_the_api_key(pair):

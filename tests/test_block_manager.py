@@ -1,5 +1,6 @@
 """The C++ block manager through its bindings: allocation, growth across block boundaries, rollback,
-exhaustion, double free, and the free count returning to its start."""
+exhaustion, double free, and the free count returning to its start; prefix caching: matching by content
+and chain, sharing by reference, KV per model, eviction least recently released first, forgetting."""
 import pytest
 
 from rstitch_engine._C import BlockManager
@@ -70,3 +71,86 @@ def test_free_count_returns_after_many_tables():
 def test_bad_construction(num_blocks, block_size):
     with pytest.raises(ValueError):
         BlockManager(num_blocks, block_size)
+
+
+def cached_table(bm, tokens):
+    """A table over `tokens` with every full block hashed, as the scheduler leaves a committed prefix."""
+    t = bm.cover([], len(tokens))
+    for i in range(len(tokens) // bm.block_size):
+        bm.hash_block(t, tokens, i)
+    return t
+
+
+def test_match_finds_equal_prefixes_by_content_and_chain():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = list(range(100, 111))  # 2 full blocks and 3 tokens
+    t = cached_table(bm, a)
+    assert bm.num_cached == 2
+    assert bm.match(a + [7], limit=12) == t[:2]
+    assert bm.match(a[:8], limit=7) == t[:1], "a match leaves the last token to feed: at most limit tokens"
+    assert bm.match(a[:5] + [0] + a[6:], limit=11) == t[:1], "a differing token ends the match at its block"
+    assert bm.match([0] + a[1:], limit=11) == []
+    assert bm.match(a[4:8] + a[:4], limit=8) == [], "a block's hash chains the blocks before it"
+
+
+def test_shared_blocks_are_reference_counted_and_stay_cached():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = [3, 1, 4, 1, 5, 9, 2, 6, 5]
+    t = cached_table(bm, a)
+    shared = bm.share(bm.match(a, limit=8))
+    assert shared == t[:2] and bm.num_free == 5, "sharing takes no new block"
+    bm.release(t)
+    assert bm.num_free == 6 and bm.num_cached == 2, "the unhashed third block is freed; the shared ones are held"
+    bm.release(shared)
+    assert bm.num_free == 8, "cached blocks nobody holds count as free"
+    assert bm.match(a, limit=8) == t[:2], "and can still be matched"
+    again = bm.share(bm.match(a, limit=8))
+    assert bm.num_free == 6
+    bm.release(again)
+    with pytest.raises(RuntimeError, match="not in use"):
+        bm.release(again)
+
+
+def test_kv_is_recorded_per_model():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    t = cached_table(bm, list(range(8)))
+    bm.set_kv(t[0], 0)
+    bm.set_kv(t[1], 1)
+    assert [bm.has_kv(t[0], m) for m in (0, 1)] == [True, False]
+    assert [bm.has_kv(t[1], m) for m in (0, 1)] == [False, True]
+
+
+def test_eviction_takes_the_least_recently_released_and_the_tail_first():
+    bm = BlockManager(num_blocks=6, block_size=2)
+    a, b = [1, 2, 3, 4], [5, 6, 7, 8]
+    ta, tb = cached_table(bm, a), cached_table(bm, b)
+    bm.set_kv(ta[0], 0)
+    bm.release(ta)  # released first: evicted first, its last block before its first
+    bm.release(tb)
+    assert bm.num_cached == 4 and bm.num_free == 6
+    fresh = bm.cover([], 6)  # 2 never used + 1 evicted
+    assert ta[1] in fresh and not bm.is_cached(ta[1])
+    assert bm.match(a, limit=4) == ta[:1] and bm.match(b, limit=4) == tb
+    fresh = bm.cover(fresh, 8)
+    assert ta[0] in fresh and not bm.has_kv(ta[0], 0), "an evicted block comes back without KV"
+    assert bm.match(a, limit=4) == [] and bm.match(b, limit=4) == tb
+
+
+def test_an_equal_block_stays_private_and_the_chain_goes_on():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    first = cached_table(bm, [1, 2, 3, 4])
+    second = cached_table(bm, [1, 2, 9, 9])  # its first block equals first[0]: not registered again
+    assert not bm.is_cached(second[0]) and bm.is_cached(second[1])
+    assert bm.match([1, 2, 9, 9, 0], limit=4) == [first[0], second[1]]
+
+
+def test_forget_and_reset():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    t = cached_table(bm, [1, 2, 3, 4])
+    assert not bm.reset_cache(), "not while a block is held"
+    bm.forget(t[1])
+    bm.release(t)
+    assert bm.num_free == 4 and bm.num_cached == 1
+    assert bm.match([1, 2, 3, 4], limit=4) == t[:1]
+    assert bm.reset_cache() and bm.num_cached == 0 and bm.num_free == 4
+    assert bm.match([1, 2, 3, 4], limit=4) == []

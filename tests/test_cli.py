@@ -242,10 +242,10 @@ def test_engine_options_come_from_engine_config(pair, monkeypatch):
     monkeypatch.setattr("rstitch_engine.Engine", lambda **kw: built.append(kw))
     args = parser.parse_args(["serve", "--slm", str(pair[0]), "--llm", str(pair[1]), "--device", "cpu",
                               "--block-size", "8", "--max-num-seqs", "3", "--no-optimistic-llm",
-                              "--llm-batch-share", "0.5"])
+                              "--llm-batch-share", "0.5", "--no-prefix-caching"])
     cli_args.make_engine(args)
     assert built[-1] == dict(slm=str(pair[0]), llm=str(pair[1]), device="cpu", block_size=8, max_num_seqs=3,
-                             optimistic_llm=False, llm_batch_share=0.5, progress=True)
+                             optimistic_llm=False, llm_batch_share=0.5, prefix_caching=False, progress=True)
     EngineConfig(**{k: v for k, v in built[-1].items()})  # a valid config
 
 

@@ -158,7 +158,7 @@ def test_engine_parking_changes_timing_not_tokens(engine):
 def test_engine_parking_options_are_checked(engine):
     with pytest.raises(ValueError, match="llm_batch_share must be a number in \\[0, 1\\]"):
         engine.set_parking(llm_batch_share=1.5)
-    with pytest.raises(ValueError, match="llm_max_wait must be in"):
+    with pytest.raises(ValueError, match="llm_max_wait must be an integer in"):
         Engine(slm="random:tiny", llm="random:small", device="cpu", llm_max_wait=-1)
     assert engine.config.llm_batch_share == LLM_BATCH_SHARE  # unchanged by the refused call
 

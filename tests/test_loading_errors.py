@@ -63,7 +63,7 @@ def test_config_that_is_not_utf8(ckpt):
 
 def test_zero_heads_without_head_dim(ckpt):
     patch_config(ckpt, num_attention_heads=0, head_dim=_DROP)
-    with config_error(ckpt, "num_attention_heads must be a positive integer, not 0"):
+    with config_error(ckpt, "num_attention_heads must be a positive integer, got 0"):
         load(ckpt)
 
 
@@ -73,7 +73,7 @@ def test_zero_heads_without_head_dim(ckpt):
 @pytest.mark.parametrize("value", [0, -4, "64", 64.5, True, [64]])
 def test_size_fields_must_be_positive_integers(ckpt, field, value):
     patch_config(ckpt, **{field: value})
-    with config_error(ckpt, f"{field} must be a positive integer, not {value!r}"):
+    with config_error(ckpt, f"{field} must be a positive integer, got {value!r}"):
         ModelConfig.from_dir(ckpt)
 
 
@@ -124,7 +124,7 @@ def test_scalar_field_types(ckpt, field, value, expected):
 
 def test_rope_theta_inside_rope_parameters(ckpt):
     patch_config(ckpt, rope_parameters={"rope_type": "default", "rope_theta": "big"})
-    with config_error(ckpt, "rope_parameters.rope_theta must be a positive number, not 'big'"):
+    with config_error(ckpt, "rope_parameters.rope_theta must be a positive number, got 'big'"):
         ModelConfig.from_dir(ckpt)
 
 

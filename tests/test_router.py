@@ -171,7 +171,7 @@ def test_device_path_equals_reference():
     d = rec.decisions()
     with torch.no_grad():
         prob = router.switch_probability(hidden, features, 0.7)
-    assert torch.allclose(d.switch_prob, prob, atol=1e-6)
+    assert d.temperature == 0.7 and torch.allclose(torch.sigmoid(d.logit / d.temperature), prob, atol=1e-6)
     u = uniform_noise(seed, pos, torch.zeros(1, dtype=torch.int64), ROUTER_STREAM)[:, 0]
     clear = (u - prob).abs() > 1e-5
     assert torch.equal(~keep[clear], (u < prob)[clear]) and torch.equal(d.switch, ~keep)

@@ -6,10 +6,10 @@ import re
 
 import httpx
 import pytest
-from safetensors.torch import load_file, save_file
 
 openai = pytest.importorskip("openai")
 
+from helpers import nan_embedding_copy  # noqa: E402
 from rstitch_engine import Engine, SamplingParams, policies  # noqa: E402
 from rstitch_engine.protocol import LLM, SLM  # noqa: E402
 from rstitch_engine.serving.app import ServerConfig  # noqa: E402
@@ -199,8 +199,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": "x", "seed": 2**64}, 400, "seed"),
     ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
-    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "'n'"),
-    ("/v1/completions", {"prompt": "x", "n": 17}, 400, "'n'"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n must be an integer in [1, 16]"),
+    ("/v1/completions", {"prompt": "x", "n": 17}, 400, "n must be an integer in [1, 16]"),
     ("/v1/completions", {"prompt": "x", "min_tokens": 20, "max_tokens": 5}, 400, "min_tokens"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "does not exist"),
@@ -247,13 +247,7 @@ def test_models_and_health(server, engine):
 @pytest.fixture(scope="module")
 def nan_pair(pair, tmp_path_factory):
     """The tiny pair with one token's embedding row NaN in the LLM: a request with that token fails there."""
-    llm = tmp_path_factory.mktemp("nan-llm")
-    for f in pair[1].iterdir():
-        (llm / f.name).write_bytes(f.read_bytes())
-    weights = load_file(llm / "model.safetensors")
-    weights["model.embed_tokens.weight"][77] = float("nan")
-    save_file(weights, llm / "model.safetensors")
-    return pair[0], llm
+    return pair[0], nan_embedding_copy(pair[1], tmp_path_factory.mktemp("nan-llm"))
 
 
 def test_nan_fails_alone_max_waiting_and_a_dead_step_loop(nan_pair):
@@ -397,3 +391,37 @@ def test_body_limit_and_request_timeout(engine, monkeypatch):
                 break
             clock.sleep(0.05)
         assert engine.num_free_blocks == free
+
+
+def test_prefix_cache_hits_and_length_limits(pair):
+    """A repeated prefix over HTTP: identical outputs, hits in the response's `rstitch` stats and the same counts
+    in /metrics; a given max_tokens past the context and n choices past the KV cache are 400s naming the field."""
+    eng = Engine(slm=pair[0], llm=pair[1], device="cpu", block_size=4, kv_cache_gb=0.002, max_model_len=256)
+    kv_tokens = eng.sched.num_blocks * eng.sched.block_size
+    assert kv_tokens < 16 * 256
+    shared = list(range(40, 77))
+    with ServerThread(eng, ServerConfig(MODEL, policies.RStitch(tau=0.5))) as s:
+        before = httpx.get(s.url + "/metrics").text
+        bodies = [{"model": MODEL, "prompt": shared + [t], "max_tokens": 12, "temperature": 0} for t in (5, 5, 6)]
+        answers = [httpx.post(s.url + "/v1/completions", json=b, timeout=60).json() for b in bodies]
+        after = httpx.get(s.url + "/metrics").text
+        assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
+        stats = [a["rstitch"] for a in answers]
+        assert stats[0]["prefix_hits_slm"] == 0 and stats[1]["prefix_hits_slm"] == stats[2]["prefix_hits_slm"] == 36
+        for model in ("slm", "llm"):
+            hits = _metric(after, "prefix_cache_hits_total", model=model) - _metric(before, "prefix_cache_hits_total",
+                                                                                     model=model)
+            assert hits == sum(st[f"prefix_hits_{model}"] for st in stats)
+            queries = _metric(after, "prefix_cache_queries_total", model=model) - _metric(
+                before, "prefix_cache_queries_total", model=model)
+            assert queries == 3 * 38
+        offline_out = offline(eng, shared + [6], 12, policies.RStitch(tau=0.5))
+        assert answers[2]["choices"][0]["text"] == offline_out.text
+        for body, param in (({"prompt": [5] * 200, "max_tokens": 57}, "max_tokens"),
+                            ({"prompt": [5] * 10, "max_tokens": 246, "n": 16}, "n")):
+            r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, **body}, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        ok = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": [5] * 200, "max_tokens": 56,
+                                                         "temperature": 0}, timeout=60)
+        assert ok.status_code == 200
+    assert eng.num_free_blocks == eng.sched.num_blocks

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import _C
+from . import _C, checks
 from .config import CheckpointError, ModelConfig
 from .engine_config import EngineConfig
 from .outputs import RequestOutput
@@ -144,10 +144,8 @@ class Engine:
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)):
             raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        bad = [type(t).__name__ for t in prompt if not isinstance(t, (int, np.integer)) or isinstance(t, bool)]
-        if bad:
-            raise TypeError(f"a prompt list must hold token ids (int), got an item of type {bad[0]}")
-        return None, [int(t) for t in prompt]
+        # an id outside the vocabulary fails its request alone (_spec, the scheduler); only types raise here
+        return None, [checks.integer(f"prompt[{i}]", t, -2**63, 2**63 - 1) for i, t in enumerate(prompt)]
 
     def _spec(self, ids: list[int], params: SamplingParams, policy: Policy) -> _C.RequestSpec | str:
         """The scheduler spec of one request, or why the request fails alone (a token id no int32 holds;
@@ -270,7 +268,41 @@ class Engine:
         """Runs one step of the shared loop and delivers what it committed to each request's sink."""
         with self._lock:
             started = time.monotonic()
-            self._deliver(self.core.step(), started)
+            try:
+                events = self.core.step()
+            except BaseException as e:
+                self._fail_live(f"an engine step failed: {e!r}")
+                raise
+            self._deliver(events, started)
+
+    def _fail_live(self, why: str) -> None:
+        """After a step that raised (Ctrl-C included): what the device ran of it is unknown, so every live
+        request fails (its blocks return; the next step or abort delivers it, after the caller's own
+        handling, such as AsyncEngine's), the in-flight steps' results are dropped, and the prefix cache, which
+        may count KV of the step that never ran, is emptied. The engine can take new requests."""
+        for rid in list(self._live):
+            self.sched.fail(rid, why)
+        self.core.inflight.clear()
+        self.sched.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Releases what lives outside this object: with tensor parallelism, stops the other ranks' processes
+        (they also end with this process). Requests still live are aborted first."""
+        with self._lock:
+            self._abort(list(self._live))
+            self.core.executor.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix (cold-cache measurements); False, and nothing changes, while requests
+        run."""
+        with self._lock:
+            return self.sched.reset_prefix_cache()
 
     def abort_requests(self, outputs: list[RequestOutput]) -> None:
         """Finishes these requests (the outputs add_requests returned; finish_reason "abort") and returns

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from . import checks
 
 # architecture -> (q/k/v projections carry a bias, per-head RMSNorm on q and k)
 ARCHITECTURES = {
@@ -162,49 +163,28 @@ class _Fields:
     def __init__(self, raw: dict, source: str, prefix: str = ""):
         self.raw, self.source, self.prefix = raw, source, prefix
 
-    def _get(self, key: str, default):
+    def _read(self, key: str, default, check, *args, **kw):
         value = self.raw.get(key)
         if value is None:
             if default is _REQUIRED:
                 raise CheckpointError(f"{self.source}: missing field {self.prefix + key!r}")
-            return None, True
-        return value, False
-
-    def _bad(self, key: str, value, expected: str) -> CheckpointError:
-        return CheckpointError(f"{self.source}: {self.prefix + key} must be {expected}, not {value!r} "
-                               f"({_json_type(value)})")
+            return default
+        try:
+            return check(self.prefix + key, value, *args, **kw)
+        except checks.InvalidValue as e:  # the file's own words: JSON types
+            raise CheckpointError(f"{self.source}: {e} ({_json_type(value)})") from None
 
     def integer(self, key: str, default=_REQUIRED) -> int:
-        value, absent = self._get(key, default)
-        if absent:
-            return default
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise self._bad(key, value, "a positive integer")
-        return value
+        return self._read(key, default, checks.integer, 1, 2**63 - 1)
 
     def number(self, key: str, default=_REQUIRED) -> float:
-        value, absent = self._get(key, default)
-        if absent:
-            return default
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-            raise self._bad(key, value, "a positive number")
-        return float(value)
+        return self._read(key, default, checks.number, 0, low_open=True, high_open=True)
 
     def flag(self, key: str, default=_REQUIRED) -> bool:
-        value, absent = self._get(key, default)
-        if absent:
-            return default
-        if not isinstance(value, bool):
-            raise self._bad(key, value, "true or false")
-        return value
+        return self._read(key, default, checks.flag)
 
     def text(self, key: str, default=_REQUIRED) -> str:
-        value, absent = self._get(key, default)
-        if absent:
-            return default
-        if not isinstance(value, str):
-            raise self._bad(key, value, "a string")
-        return value
+        return self._read(key, default, checks.text)
 
 
 def _json_type(value) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .protocol import INT32_MAX
+from . import checks
+from .protocol import SLM
 
 # the values of EngineConfig.dtype / --dtype
 DTYPE_OPTIONS = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -60,6 +61,9 @@ class EngineConfig:
     max_logits_rows: int | None = _option(None, "logits rows per model per step (default: the smaller of "
                                           "max_num_batched_tokens and 4 x max_num_seqs)", metavar="ROWS")
     block_size: int = _option(16, "tokens per KV block", metavar="TOKENS")
+    prefix_caching: bool = _option(True, "share the KV of full blocks of equal prompt prefixes between requests, "
+                                   "per model, cached until their blocks are needed (docs/design.md, 'Prefix "
+                                   "caching'); outputs are the same either way", flag=True)
     overlap: bool | None = _option(None, "plan step t+1 before step t's results are read (default: on CUDA)",
                                    flag=True)
     optimistic_llm: bool = _option(True, "with overlap, dispatch rows as if the pending decisions kept their "
@@ -70,6 +74,11 @@ class EngineConfig:
                                      metavar="SHARE")
     llm_min_batch: int = _option(1, "park rows that need the LLM until at least this many are ready", metavar="ROWS")
     llm_max_wait: int = _option(LLM_MAX_WAIT, "the most steps a parked row waits for the LLM", metavar="STEPS")
+    tensor_parallel_size: int = _option(1, "processes (CUDA: GPUs) the LLM is split over, tensor-parallel "
+                                        "(engine/mp_executor.py; docs/design.md, 'Tensor parallelism')",
+                                        metavar="RANKS")
+    slm_tensor_parallel_size: int = _option(1, "1: the SLM whole on every rank; or tensor_parallel_size: split "
+                                            "like the LLM", metavar="RANKS")
     kernels: str | None = _option(None, "triton or torch (default: Triton on CUDA, the torch references on the "
                                   "CPU)", choices=KERNELS)
     cuda_graphs: bool | str | None = _option(None, "capture decode steps as CUDA graphs (default: on CUDA; "
@@ -93,34 +102,38 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, Path)):
                 raise TypeError(f"{name} must be a path or a model name, got {type(value).__name__}")
-        _check_int("max_num_seqs", self.max_num_seqs, 1)
-        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
-        _check_int("block_size", self.block_size, 1)
-        _check_int("llm_min_batch", self.llm_min_batch, 1)
-        _check_int("llm_max_wait", self.llm_max_wait, 0)
-        _check_number("llm_batch_share", self.llm_batch_share, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-        _check_int("seed", self.seed, 0, 2**64 - 1)
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "llm_min_batch"):
+            checks.integer(name, getattr(self, name), 1)
+        checks.integer("llm_max_wait", self.llm_max_wait, 0)
+        checks.integer("tensor_parallel_size", self.tensor_parallel_size, 1, 1024)
+        if self.slm_tensor_parallel_size not in (1, self.tensor_parallel_size):
+            raise checks.InvalidValue("slm_tensor_parallel_size", f"1 or tensor_parallel_size "
+                                      f"({self.tensor_parallel_size})", self.slm_tensor_parallel_size)
+        checks.number("llm_batch_share", self.llm_batch_share, 0, 1)
+        checks.integer("seed", self.seed, 0, 2**64 - 1)
         for name in ("max_model_len", "max_logits_rows"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
+                checks.integer(name, getattr(self, name), 1)
         if self.kv_cache_gb is not None:
-            _check_number("kv_cache_gb", self.kv_cache_gb, lambda v: v > 0, "a positive number of GB")
-        _check_number("gpu_memory_utilization", self.gpu_memory_utilization, lambda v: 0 < v <= 1,
-                      "in (0, 1]")
+            checks.number("kv_cache_gb", self.kv_cache_gb, 0, low_open=True, high_open=True)
+        checks.number("gpu_memory_utilization", self.gpu_memory_utilization, 0, 1, low_open=True)
         if self.kernels not in (None, *KERNELS):
             raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.warm_up not in (None, True, False):
             raise ValueError(f"warm_up must be True, False or None (on CUDA), got {self.warm_up!r}")
         if self.cuda_graphs not in (None, True, False, "emulate"):
             raise ValueError(f"cuda_graphs must be True, False or 'emulate', got {self.cuda_graphs!r}")
-        for name in ("overlap", "optimistic_llm", "progress"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, bool):
-                raise TypeError(f"{name} must be True or False, got {value!r}")
+        for name in ("overlap", "optimistic_llm", "progress", "prefix_caching"):
+            if getattr(self, name) is not None:
+                checks.flag(name, getattr(self, name))
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPE_OPTIONS:
             raise ValueError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPE_OPTIONS)}")
         if self.dtype is not None and isinstance(self.dtype, torch.dtype) and self.dtype not in DTYPE_OPTIONS.values():
             raise ValueError(f"dtype {self.dtype} is not supported; use one of {sorted(DTYPE_OPTIONS)}")
+
+    def tp_size(self, model: int) -> int:
+        """The tensor-parallel size of `model` (protocol.SLM or LLM)."""
+        return self.slm_tensor_parallel_size if model == SLM else self.tensor_parallel_size
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
@@ -191,16 +204,6 @@ class EngineConfig:
         sc.watermark_blocks = max(1, num_blocks // 100)
         sc.llm_min_batch, sc.llm_max_wait = self.llm_min_batch, self.llm_max_wait
         sc.llm_batch_share = self.llm_batch_share
+        sc.prefix_caching = self.prefix_caching
         return sc
 
-
-def _check_int(name: str, value, low: int, high: int = INT32_MAX) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-
-
-def _check_number(name: str, value, ok, what: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or not ok(value):
-        raise ValueError(f"{name} must be {what}, got {value!r}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import checks
 from .protocol import INT32_MAX, LLM, SLM
 
 INF = math.inf
@@ -50,19 +51,6 @@ class LLMOnly(Policy):
         spec.start_model, spec.tau_down = LLM, -INF
 
 
-def _count(value, what: str, low: int = 1) -> int:
-    """An integer field of a policy that goes to the scheduler: in [low, 2**31 - 1]."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT32_MAX:
-        raise ValueError(f"{what} must be an integer in [{low}, 2**31 - 1], got {value!r}")
-    return value
-
-
-def _threshold(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{what} must be a number, got {value!r}")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class RStitch(Policy):
     """The SLM decodes; H > tau discards its token and the LLM produces that position, keeping control
@@ -75,13 +63,13 @@ class RStitch(Policy):
     min_llm_run: int | None = None
 
     def __post_init__(self):
-        _threshold(self.tau, "tau")
+        checks.number("tau", self.tau)
         if self.tau_down is not None:
-            _threshold(self.tau_down, "tau_down")
+            checks.number("tau_down", self.tau_down)
         if self.handover_after is not None:
-            _count(self.handover_after, "handover_after")
+            checks.integer("handover_after", self.handover_after, 1)
         if self.min_llm_run is not None:
-            _count(self.min_llm_run, "min_llm_run")
+            checks.integer("min_llm_run", self.min_llm_run, 1)
         if self.min_llm_run is not None and self.handover_after is not None:
             raise ValueError("give handover_after or min_llm_run, not both")
 
@@ -112,14 +100,10 @@ class Forced(Policy):
     def __post_init__(self):
         if (self.pattern is None) == (self.llm_share is None):
             raise ValueError("Forced needs exactly one of pattern or llm_share")
-        if self.llm_share is not None and (isinstance(self.llm_share, bool) or not isinstance(
-                self.llm_share, (int, float)) or not 0.0 <= self.llm_share <= 1.0):
-            raise ValueError(f"llm_share must be in [0, 1], got {self.llm_share!r}")
-        if isinstance(self.mean_run, bool) or not isinstance(self.mean_run, (int, float)) \
-                or not 1 <= self.mean_run < INF:
-            raise ValueError(f"mean_run must be a finite number >= 1, got {self.mean_run!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"Forced seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
+        if self.llm_share is not None:
+            checks.number("llm_share", self.llm_share, 0, 1)
+        checks.number("mean_run", self.mean_run, 1, high_open=True)
+        checks.integer("seed", self.seed, 0, 2**63 - 1)
         if isinstance(self.pattern, str):
             _pattern_ranges(self.pattern)  # a bad pattern fails here, not when a request is admitted
         elif self.pattern is not None:
@@ -128,10 +112,8 @@ class Forced(Policy):
             except TypeError:
                 raise ValueError(f"Forced pattern must be a string like '40-47,130' or an iterable of output "
                                  f"positions, got {type(self.pattern).__name__}") from None
-            bad = [p for p in items if isinstance(p, bool) or not isinstance(p, (int, np.integer))]
-            if bad:
-                raise ValueError(f"Forced pattern positions must be integers, got {bad[0]!r}")
-            object.__setattr__(self, "pattern", tuple(int(p) for p in items))
+            object.__setattr__(self, "pattern", tuple(checks.integer(f"pattern[{i}]", p, -INT32_MAX - 1)
+                                                      for i, p in enumerate(items)))
 
     @classmethod
     def periodic(cls, llm_share: float, run: int, length: int) -> "Forced":
@@ -200,10 +182,9 @@ class SpecDecode(Policy):
     accept_rate: float | None = None
 
     def __post_init__(self):
-        _count(self.k, "k")
-        if self.accept_rate is not None and (isinstance(self.accept_rate, bool) or not isinstance(
-                self.accept_rate, (int, float)) or not 0.0 <= self.accept_rate <= 1.0):
-            raise ValueError(f"accept_rate must be in [0, 1], got {self.accept_rate!r}")
+        checks.integer("k", self.k, 1)
+        if self.accept_rate is not None:
+            checks.number("accept_rate", self.accept_rate, 0, 1)
 
     @property
     def name(self):
@@ -229,11 +210,10 @@ class RStitchPlus(Policy):
     def __post_init__(self):
         if self.router is None:
             raise ValueError("RStitchPlus needs a router (a .safetensors file or a Router)")
-        _threshold(self.tau, "tau")
+        checks.number("tau", self.tau)
         if self.tau_down is not None:
-            _threshold(self.tau_down, "tau_down")
-        if _threshold(self.temperature, "temperature") < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+            checks.number("tau_down", self.tau_down)
+        checks.number("temperature", self.temperature, 0)
 
     @property
     def name(self):  # a router file names its row, so two routers compared side by side get two rows

@@ -14,9 +14,9 @@ different streams (they used to be folded together modulo 2**31).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from . import checks
 from .protocol import INT32_MAX
 
 GREEDY_TEMPERATURE = 1e-5  # temperature < this: greedy
@@ -33,10 +33,6 @@ def scheduler_seed(seed: int) -> int:
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     z ^= z >> 31
     return (z ^ (z >> 31)) & INT32_MAX
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -57,40 +53,23 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Checks every field (run when built, and again by generate: the fields may have been changed)."""
-        def fail(msg: str):
-            raise ValueError(f"SamplingParams: {msg}")
-
-        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX:
-            fail(f"max_tokens must be an integer in [1, 2**31 - 1], got {self.max_tokens!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not math.isfinite(self.temperature) or self.temperature < 0:
-            fail(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            fail(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or not -1 <= self.top_k <= INT32_MAX:
-            fail(f"top_k must be an integer in [0, 2**31 - 1] (or -1 for off), got {self.top_k!r}")
-        self.top_k = max(self.top_k, 0)
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX):
-            fail(f"seed must be an integer in [0, 2**63 - 1] or None, got {self.seed!r}")
-        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
-            fail(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
-        if self.stop is None or isinstance(self.stop, str):
-            stops = [] if self.stop is None else [self.stop]
-        elif isinstance(self.stop, (list, tuple)):
-            stops = list(self.stop)
-        else:
-            fail(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
-        if any(not isinstance(s, str) or not s for s in stops):
-            fail(f"stop must be non-empty strings, got {self.stop!r}")
+        """Checks every field (run when built, and again by generate: the fields may have been changed);
+        raises checks.InvalidValue naming the field."""
+        checks.integer("max_tokens", self.max_tokens, 1)
+        checks.number("temperature", self.temperature, 0, high_open=True)
+        checks.number("top_p", self.top_p, 0, 1, low_open=True)
+        self.top_k = max(checks.integer("top_k", self.top_k, -1), 0)  # -1: off, as 0
+        if self.seed is not None:
+            checks.integer("seed", self.seed, 0, SEED_MAX)
+        checks.integer("min_tokens", self.min_tokens, 0, self.max_tokens)
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop if self.stop is not None else []
+        if not isinstance(stops, (list, tuple)) or any(not isinstance(s, str) or not s for s in stops):
+            raise checks.InvalidValue("stop", "a non-empty string or a list of them", self.stop)
         self.stop_strings = tuple(stops)
         for name in ("ignore_eos", "skip_special_tokens"):
-            if not isinstance(getattr(self, name), bool):
-                fail(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
-            fail(f"stop_token_ids must be a list of token ids, got {type(self.stop_token_ids).__name__}")
-        if any(not _is_int(t) or not 0 <= t <= INT32_MAX for t in self.stop_token_ids or []):
-            fail(f"stop_token_ids must be integers in [0, 2**31 - 1], got {self.stop_token_ids!r}")
+            checks.flag(name, getattr(self, name))
+        if self.stop_token_ids is not None:
+            checks.token_ids("stop_token_ids", self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:

@@ -117,7 +117,7 @@ def run_launchers():
         table = torch.zeros(64 * 1024, dtype=torch.int32)
         K.embed_tokens(embed, ints, ints, table)
         K.embed_tokens(embed, ints, ints, table, query_start_loc=torch.arange(9, dtype=torch.int32), seq_slot=ints,
-                       positions=ints, slot_mapping=ints, token_slot=ints, nonfinite_slots=ints)
+                       token_slot=ints)
         x = torch.zeros(8, hidden, dtype=bf16)
         K.rms_norm_rows(x, x[0], 1e-6, x, ints[:1])
         K.rms_norm_rows(x, x[0], 1e-6, x, ints)

@@ -1,6 +1,5 @@
 """The step's first and last ops and the NaN tracking between them, each against its torch reference:
-embed_tokens (ids from the plan or the device token table, token -> sequence slot, flags cleared where KV
-is rebuilt), rope_store's marks of sequence slots whose q/k/v held a NaN or an inf, rms_norm_rows (the
+embed_tokens (ids from the plan or the device token table, token -> sequence slot), rope_store's marks of sequence slots whose q/k/v held a NaN or an inf, rms_norm_rows (the
 final norm of the deciding rows, gathered)."""
 import pytest
 import torch
@@ -17,23 +16,20 @@ def test_embed_tokens(dtype):
     gen = torch.Generator().manual_seed(1)
     embed = randn(50, 24, dtype=dtype, generator=gen)  # hidden not a power of two
     table = torch.randint(0, 50, (7 * 9,), generator=gen).int().to(DEVICE)  # flat [slots, max_len]
-    # 3 rows: tokens [0, 3) of slot 4, [3, 4) of slot 1 (a fresh prefill: position 0), [4, 7) of slot 6
+    # 3 rows: tokens [0, 3) of slot 4, [3, 4) of slot 1, [4, 7) of slot 6
     query_start_loc, seq_slot = i32(0, 3, 4, 7), i32(4, 1, 6)
     input_ids = i32(5, 9, 13, 2, 40, 41, 42)
     token_index = i32(-1, 4 * 9 + 3, -1, -1, 6 * 9 + 1, -1, 6 * 9 + 8)  # some ids from the device table
-    positions, slot_mapping = i32(7, 8, 9, 0, 3, 4, 5), i32(17, 18, 19, 30, -1, 41, 42)
     results = []
     for fn in (embed_tokens, embed_tokens_ref):
         token_slot = torch.full((7,), -5, dtype=torch.int32, device=DEVICE)
-        flags = i32(0, 1, 1, 0, 1, 0, 1)  # slots 1, 2, 4 and 6 were marked
         h = fn(embed, input_ids, token_index, table, query_start_loc=query_start_loc, seq_slot=seq_slot,
-               positions=positions, slot_mapping=slot_mapping, token_slot=token_slot, nonfinite_slots=flags)
-        results.append((h, token_slot, flags))
+               token_slot=token_slot)
+        results.append((h, token_slot))
     ids = torch.where(token_index >= 0, table[token_index.clamp(min=0).long()], input_ids)
-    for h, token_slot, flags in results:
+    for h, token_slot in results:
         assert torch.equal(h, embed[ids.long()])
         assert token_slot.tolist() == [4, 4, 4, 1, 6, 6, 6]
-        assert flags.tolist() == [0, 0, 1, 0, 1, 0, 1]  # slot 1 rebuilt from position 0: cleared
     untracked = embed_tokens(embed, input_ids, token_index, table)
     assert torch.equal(untracked, results[0][0])
 

@@ -72,13 +72,6 @@ class Decisions:
     def __len__(self) -> int:
         return self.seed.shape[0]
 
-    @property
-    def switch_prob(self) -> torch.Tensor:
-        """The probability each action was drawn with: P(switch) at the recording temperature."""
-        if self.temperature == 0:
-            return self.switch.float()
-        return torch.sigmoid(self.logit / self.temperature)
-
 
 class DecisionRecorder:
     """Keeps device copies of each router call's inputs and outcome without syncing (the inputs are cloned:

@@ -33,14 +33,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..async_engine import AsyncEngine, EngineDeadError, RequestRejected
+from ..checks import InvalidValue
 from ..outputs import RequestOutput
 from ..policies import Policy
 from . import MAX_REQUEST_BYTES
 from .metrics import ServerMetrics
-from .openai_request import APIError, ParsedRequest, parse_request
+from .openai_request import APIError, ParsedRequest, check_lengths, parse_request
 
 ROUTING_STATS = ("slm_tokens", "llm_tokens", "switches_to_llm", "switches_to_slm", "discarded_slm_tokens",
-                 "extend_tokens_llm", "extend_tokens_slm", "drafted", "accepted", "llm_wait_steps", "llm_wait_s")
+                 "extend_tokens_llm", "extend_tokens_slm", "drafted", "accepted", "llm_wait_steps", "llm_wait_s",
+                 "prefix_queries", "prefix_hits_slm", "prefix_hits_llm")
 RETRY_AFTER_S = 1
 
 
@@ -165,9 +167,13 @@ def build_app(online: AsyncEngine, config: ServerConfig) -> FastAPI:
                                f"{config.max_waiting}); retry later", status=503, type="ServiceUnavailableError",
                                headers={"Retry-After": str(RETRY_AFTER_S)})
             prompts = await asyncio.to_thread(_prompt_ids, engine, parsed, chat)
+            check_lengths(parsed, prompts, max_model_len=engine.max_model_len,
+                          kv_tokens=engine.sched.num_blocks * engine.sched.block_size)
             requests = await _admit(online, parsed, prompts, param="messages" if chat else "prompt")
         except APIError as e:
             return error_response(e)
+        except InvalidValue as e:  # a field out of its type or range (rstitch_engine.checks)
+            return error_response(APIError(str(e), param=e.name))
         call = _Call(parsed, chat, config.model_name, prompts, requests, config.request_timeout_s)
         if parsed.stream:
             return StreamingResponse(call.events(), media_type="text/event-stream")

@@ -8,6 +8,8 @@ Requests stream chat completions of word problems, at a fixed concurrency and/or
 pass is bounded in requests and seconds, and only loopback servers are loaded. With --slm/--llm (no
 --base-url) the server runs in this process, and at concurrency 1 the same prompts are also run through
 offline `Engine.generate`, one at a time, on the same engine: the server's overhead as a throughput ratio.
+Each pass on an in-process server starts with an empty prefix cache (`--system-prompt-words` gives every
+request a shared system message: the prefix-caching workload).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ PERCENTILES = (50, 90, 99)
 COLUMNS = ["policy", "concurrency", "request_rate", "completed", "failed", "req_s", "output_tok_s", "goodput_req_s",
            "ttft_ms_mean", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_mean", "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50",
            "itl_ms_p99", "e2el_ms_mean", "e2el_ms_p99", "llm_share", "switches_per_1k", "llm_wait_ms_mean",
-           "offline_tok_s", "server_vs_offline"]
+           "prefix_hit_rate_slm", "prefix_hit_rate_llm", "offline_tok_s", "server_vs_offline"]
 
 
 @dataclass
@@ -164,18 +166,31 @@ def summarize(results: list[RequestResult], duration: float, goodput: dict[str, 
         if produced else None
     waits = [r.rstitch["llm_wait_s"] for r in ok if "llm_wait_s" in r.rstitch]  # parked for an LLM batch
     row["llm_wait_ms_mean"] = ms(statistics.mean(waits)) if waits else None
+    queried = sum(r.rstitch.get("prefix_queries", 0) for r in ok)
+    for model in ("slm", "llm"):  # prompt tokens whose KV the prefix cache held, per model
+        hits = sum(r.rstitch.get(f"prefix_hits_{model}", 0) for r in ok)
+        row[f"prefix_hit_rate_{model}"] = hits / queried if queried else None
     row["errors"] = sorted({r.error for r in results if not r.ok})[:5]
     return row
 
 
+def shared_system_prompt(words: int) -> str:
+    """A fixed system message of about `words` words (the shared-prefix workload: every request repeats it)."""
+    sentence = ("You are a careful assistant for arithmetic word problems. Read every number, keep track of the "
+                "units, ignore facts the question does not need, and check the result before you answer.").split()
+    return " ".join(sentence[i % len(sentence)] for i in range(words))
+
+
 def request_bodies(questions: list[str], policies: list[str], *, model: str | None, max_tokens: int,
-                   temperature: float, seed: int | None) -> list[dict]:
-    """One streamed chat request per question; policies assigned round-robin (one policy: all of them)."""
+                   temperature: float, seed: int | None, system_prompt_words: int = 0) -> list[dict]:
+    """One streamed chat request per question, after a shared system message of `system_prompt_words` words
+    if asked; policies assigned round-robin (one policy: all of them)."""
     from ..evaluation import build_messages
 
+    system = [{"role": "system", "content": shared_system_prompt(system_prompt_words)}] if system_prompt_words else []
     bodies = []
     for i, q in enumerate(questions):
-        body = {"messages": build_messages(q), "max_tokens": max_tokens, "temperature": temperature, "stream": True,
+        body = {"messages": system + build_messages(q), "max_tokens": max_tokens, "temperature": temperature, "stream": True,
                 "stream_options": {"include_usage": True}, "rstitch": {"policy": policies[i % len(policies)]}}
         if model:
             body["model"] = model
@@ -214,6 +229,9 @@ def add_arguments(p) -> None:
                                                       "(default: all at once, bounded by --concurrency)")
     problem_args(p, synthetic=16)
     p.add_argument("--max-tokens", type=int, default=128, help="most new tokens per request")
+    p.add_argument("--system-prompt-words", type=int, default=0, metavar="WORDS",
+                   help="a shared system message of this many words before every question (the prefix-caching "
+                        "workload; default: none)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     p.add_argument("--seed", type=int, help="request i samples with seed + i (default: unseeded)")
     p.add_argument("--goodput", metavar="ttft:MS,tpot:MS", help="SLO limits for goodput, in milliseconds")
@@ -236,6 +254,8 @@ def run_from_args(args) -> list[dict]:
     levels = [int(c) for c in args.concurrency.split(",")]
     if any(c < 1 for c in levels):
         raise ValueError(f"--concurrency {args.concurrency!r}: levels must be >= 1")
+    if args.system_prompt_words < 0:
+        raise ValueError(f"--system-prompt-words {args.system_prompt_words}: must be >= 0")
     goodput = parse_goodput(args.goodput)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     problems, _ = chosen_problems(args)
@@ -256,8 +276,11 @@ def run_from_args(args) -> list[dict]:
     try:
         for label, mix in passes:
             for c in levels:
+                if engine is not None:  # every pass starts cold: no pass reuses the prompts of the one before
+                    engine.reset_prefix_cache()
                 bodies = request_bodies(questions, mix, model=args.model, max_tokens=args.max_tokens,
-                                        temperature=args.temperature, seed=args.seed)
+                                        temperature=args.temperature, seed=args.seed,
+                                        system_prompt_words=args.system_prompt_words)
                 results, duration = asyncio.run(run_pass(base_url, bodies, concurrency=c,
                                                          request_rate=args.request_rate, seed=args.problem_seed,
                                                          timeout_s=args.timeout, api_key=api_key))
@@ -275,7 +298,9 @@ def run_from_args(args) -> list[dict]:
     if args.out:
         meta = {"base_url": args.base_url or "in-process", "slm": args.slm if engine else None,
                 "llm": args.llm if engine else None, "dtype": str(engine.dtype) if engine else None,
-                "max_tokens": args.max_tokens, "problems": len(questions)}
+                "max_tokens": args.max_tokens, "problems": len(questions),
+                "system_prompt_words": args.system_prompt_words,
+                "prefix_caching": engine.config.prefix_caching if engine else None}
         json_path, md_path = write_results(args.out, "bench_serve", rows, meta)
         print(f"wrote {json_path}, {md_path}")
     return rows

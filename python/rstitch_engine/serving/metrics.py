@@ -56,6 +56,11 @@ class ServerMetrics:
         self.llm_wait = metric(Histogram, "llm_wait_seconds", "Time a request's rows waited, parked, for an LLM "
                                "batch to form (per finished request)", buckets=LATENCY_BUCKETS)
         self.llm_steps = metric(Counter, "llm_steps", "Steps the LLM ran (rate: LLM steps per second)")
+        self.prefix_queries = metric(Counter, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                     "at admission, per model", labels=("model",))
+        self.prefix_hits = metric(Counter, "prefix_cache_hits", "Prompt tokens whose KV came from the prefix "
+                                  "cache instead of being computed, per model", labels=("model",))
+        self._models = [Model(m).name.lower() for m in online.engine.configs]
         self._online, self._llm_steps_seen = online, 0
 
     def observe(self, out: StreamOutput) -> None:
@@ -95,3 +100,6 @@ class ServerMetrics:
         self.drafts.inc(s["drafted"])
         self.accepted.inc(s["accepted"])
         self.llm_wait.observe(s["llm_wait_s"])
+        for model in self._models:
+            self.prefix_queries.labels(model=model, **self.label).inc(s["prefix_queries"])
+            self.prefix_hits.labels(model=model, **self.label).inc(s[f"prefix_hits_{model}"])

@@ -1,7 +1,8 @@
 """The OpenAI request bodies the server accepts, checked field by field into SamplingParams and a Policy.
 
 Every problem is an `APIError` with an OpenAI error body (`{"error": {"message", "type", "param", "code"}}`)
-and a 4xx status; the server never turns bad input into a 500. Fields OpenAI defines that this engine does
+and a 4xx status, or a `checks.InvalidValue` for a field out of its type or range, which the server answers
+with a 400 naming the field; the server never turns bad input into a 500. Fields OpenAI defines that this engine does
 not implement (logprobs, tools, penalties, ...) are refused by name rather than ignored, and so are fields
 OpenAI does not define. A null value means "not given", as in OpenAI's API.
 
@@ -13,11 +14,11 @@ server loaded), and `"return_sources": true` for per-token sources and entropies
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
+from .. import checks
 from .. import policies as P
-from ..sampling_params import SamplingParams
+from ..sampling_params import SEED_MAX, SamplingParams
 
 MAX_CHOICES = 16  # n times the number of prompts, per request
 
@@ -64,38 +65,22 @@ class ParsedRequest:
     return_sources: bool
     model: str | None
     chat_template_kwargs: dict
+    max_tokens_given: bool   # False: max_tokens is the context left (vLLM's default)
 
 
 def _type_error(name: str, want: str, value) -> APIError:
     return APIError(f"'{name}' must be {want}, got {value!r:.100}", param=name)
 
 
-def _int(body: dict, name: str, low: int, high: int = 2**31 - 1) -> int | None:
+def _field(body: dict, name: str, check, *args, **kw):
+    """body[name] through `check` (rstitch_engine.checks; its InvalidValue is a 400 naming the field), or None."""
     value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _type_error(name, f"an integer in [{low}, {high}]", value)
-    return value
-
-
-def _number(body: dict, name: str, low: float, high: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
-        raise _type_error(name, f"a number in [{low:g}, {high:g}]", value)
-    return float(value)
+    return None if value is None else check(name, value, *args, **kw)
 
 
 def _bool(body: dict, name: str, default: bool = False) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise _type_error(name, "true or false", value)
-    return value
+    value = _field(body, name, checks.flag)
+    return default if value is None else value
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
@@ -117,16 +102,6 @@ def _stop(body: dict) -> list[str] | None:
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
         raise _type_error("stop", "a non-empty string or a list of up to 16 of them", stop)
     return stops
-
-
-def _stop_token_ids(body: dict) -> list[int] | None:
-    ids = body.get("stop_token_ids")
-    if ids is None:
-        return None
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31
-                                            for t in ids):
-        raise _type_error("stop_token_ids", "a list of token ids", ids)
-    return ids
 
 
 def _policy(body: dict, router) -> tuple[P.Policy | None, bool]:
@@ -169,6 +144,8 @@ def _policy(body: dict, router) -> tuple[P.Policy | None, bool]:
             policy = REQUEST_POLICIES[name](**fields)
     except APIError:
         raise
+    except checks.InvalidValue as e:
+        raise APIError(f"rstitch.{e}", param=f"rstitch.{e.name}") from None
     except (ValueError, TypeError) as e:
         raise APIError(f"rstitch: {e}", param="rstitch") from None
     if spec.get("router") is not None:
@@ -193,18 +170,16 @@ def parse_request(body, *, chat: bool, router, max_model_len: int) -> ParsedRequ
         prompts = [_messages(body.get("messages"))]
     else:
         prompts = _prompts(body.get("prompt"))
-    max_tokens = _int(body, "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None
-                      else "max_tokens", 1)
-    n = _int(body, "n", 1, MAX_CHOICES) or 1
+    max_tokens = _field(body, "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None
+                        else "max_tokens", checks.integer, 1)
+    n = _field(body, "n", checks.integer, 1, MAX_CHOICES) or 1
     if n * len(prompts) > MAX_CHOICES:
         raise APIError(f"n x prompts = {n * len(prompts)} choices; at most {MAX_CHOICES} per request", param="n")
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    if top_p == 0.0:
-        raise _type_error("top_p", "a number in (0, 1]", 0.0)
-    top_k = _int(body, "top_k", -1)
-    seed = _int(body, "seed", 0, 2**63 - 1)
-    min_tokens = _int(body, "min_tokens", 0) or 0
+    temperature = _field(body, "temperature", checks.number, 0.0, 2.0)
+    top_p = _field(body, "top_p", checks.number, 0.0, 1.0, low_open=True)
+    top_k = _field(body, "top_k", checks.integer, -1)
+    seed = _field(body, "seed", checks.integer, 0, SEED_MAX)
+    min_tokens = _field(body, "min_tokens", checks.integer, 0) or 0
     stream_options = body.get("stream_options")
     stream = _bool(body, "stream")
     if stream_options is not None:
@@ -220,17 +195,34 @@ def parse_request(body, *, chat: bool, router, max_model_len: int) -> ParsedRequ
     policy, return_sources = _policy(body, router)
     base = dict(max_tokens=max_tokens if max_tokens is not None else max_model_len,
                 temperature=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
-                top_k=top_k or 0, stop=_stop(body), stop_token_ids=_stop_token_ids(body),
+                top_k=top_k or 0, stop=_stop(body), stop_token_ids=_field(body, "stop_token_ids", checks.token_ids),
                 ignore_eos=_bool(body, "ignore_eos"), min_tokens=min_tokens,
                 skip_special_tokens=_bool(body, "skip_special_tokens", True))
-    try:
-        # choice j of a seeded request samples with seed + j, so that n > 1 gives n different samples
-        params = [SamplingParams(**base, seed=None if seed is None else (seed + j) % 2**63) for j in range(n)]
-    except ValueError as e:
-        field = next((f for f in base if f in str(e)), None)
-        raise APIError(str(e), param=field) from None
+    # choice j of a seeded request samples with seed + j, so that n > 1 gives n different samples
+    params = [SamplingParams(**base, seed=None if seed is None else (seed + j) % 2**63) for j in range(n)]
     return ParsedRequest(prompts, params, policy, n, stream, _bool(stream_options, "include_usage"),
-                         _bool(stream_options, "continuous_usage_stats"), return_sources, model, template_kwargs)
+                         _bool(stream_options, "continuous_usage_stats"), return_sources, model, template_kwargs,
+                         max_tokens is not None)
+
+
+def check_lengths(parsed: ParsedRequest, prompt_ids: list[list[int]], *, max_model_len: int, kv_tokens: int) -> None:
+    """Admission checks of a given max_tokens, as 400s naming the field (vLLM's): each prompt plus max_tokens
+    within the context, and the n choices of a prompt within the KV cache at once (n x (prompt + max_tokens)
+    tokens; more would only run by preempting each other). Too long a prompt alone is the scheduler's
+    refusal."""
+    if not parsed.max_tokens_given:
+        return
+    max_tokens = parsed.params[0].max_tokens
+    for ids in prompt_ids:
+        if len(ids) >= max_model_len:
+            continue
+        if len(ids) + max_tokens > max_model_len:
+            raise APIError(f"the context holds {max_model_len} tokens: the prompt's {len(ids)} plus 'max_tokens' "
+                           f"{max_tokens} do not fit; ask for at most {max_model_len - len(ids)}", param="max_tokens")
+        need = parsed.n * (len(ids) + max_tokens)
+        if need > kv_tokens:
+            raise APIError(f"'n' {parsed.n} x (prompt {len(ids)} + max_tokens {max_tokens}) = {need} tokens of KV "
+                           f"at once; the KV cache holds {kv_tokens}", param="n")
 
 
 def _prompts(prompt) -> list:
