@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from helpers import engine_logits
 from rstitch_engine import Engine, SamplingParams, policies
 from rstitch_engine.cli import DEMO_QUESTION
 from rstitch_engine.config import ModelConfig
-from rstitch_engine.engine.mp_executor import RankError
+from rstitch_engine.engine.mp_executor import MultiprocExecutor, RankError
 from rstitch_engine.protocol import SLM
 from rstitch_engine.router.model import Router
 
@@ -162,6 +163,14 @@ def test_sizes_that_cannot_split_are_refused_before_any_process_starts(pair):
     with pytest.raises(ValueError, match="random weights"):
         Engine(llm="random:tiny", device="cpu", tensor_parallel_size=2)
     assert set(mp.active_children()) == before
+
+
+def test_more_ranks_than_gpus_is_refused(monkeypatch):
+    """The device count is checked before anything starts (faked here: no GPU on the CI machine)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = SimpleNamespace(tensor_parallel_size=2, torch_device=torch.device("cuda"))
+    with pytest.raises(ValueError, match="tensor_parallel_size 2 needs 2 GPUs; this machine has 1"):
+        MultiprocExecutor(config, {}, {}, vocab_limit=8)
 
 
 def test_a_killed_rank_fails_the_requests_naming_it_and_close_leaves_nothing(pair):
