@@ -40,7 +40,8 @@ class RankError(RuntimeError):
     """A tensor-parallel rank died or failed; the message names it."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback now (rendezvous, test servers)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -117,7 +118,7 @@ class MultiprocExecutor:
             cfg.shard(config.tp_size(m))
             if paths[m] is None and config.tp_size(m) > 1:
                 raise ValueError(RANDOM_WEIGHTS_UNSPLIT)
-        port = _free_port()
+        port = free_port()
         ctx = mp.get_context("spawn")
         self.cuda = cuda
         threads = max(1, torch.get_num_threads() // size)

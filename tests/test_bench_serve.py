@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import httpx
 import pytest
 
 from rstitch_engine.cli import main
+from rstitch_engine.engine.mp_executor import free_port
 from rstitch_engine.serving.bench_serve import (RequestResult, check_loopback, parse_goodput, request_bodies,
                                                 summarize)
 
@@ -109,14 +109,8 @@ def test_bench_serve_sends_the_api_key(pair):
         assert not any(r.ok for r in refused) and all(r.error.startswith("HTTP 401") for r in refused)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_rstitch_serve_command_serves_and_stops_on_ctrl_c(pair):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "rstitch_engine", "serve", "--slm", str(pair[0]), "--llm",
                              str(pair[1]), "--device", "cpu", "--port", str(port), "--served-model-name", "tiny",
                              "--log-level", "warning", "--kv-cache-gb", "0.02"],
@@ -164,7 +158,7 @@ def test_sigterm_drains_then_exits_0(pair, shutdown_timeout, finishes):
     --shutdown-timeout, is aborted and ends), and the process exits 0 with nothing left running."""
     import threading
 
-    port = _free_port()
+    port = free_port()
     proc = _start_serve(pair, port, "--shutdown-timeout", shutdown_timeout)
     url, lines, started = f"http://127.0.0.1:{port}", [], threading.Event()
 

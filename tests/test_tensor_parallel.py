@@ -9,7 +9,6 @@ import gc
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,18 +21,12 @@ from helpers import engine_logits
 from rstitch_engine import Engine, SamplingParams, policies
 from rstitch_engine.cli import DEMO_QUESTION
 from rstitch_engine.config import ModelConfig
-from rstitch_engine.engine.mp_executor import MultiprocExecutor, RankError
+from rstitch_engine.engine.mp_executor import MultiprocExecutor, RankError, free_port
 from rstitch_engine.protocol import SLM
 from rstitch_engine.router.model import Router
 
 RANK_TIMEOUT_S = 120
 IDS = [5, 17, 200, 9, 31, 64, 3, 120, 77, 8, 250, 14, 99]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_logits(rank: int, size: int, port: int, path: str, ids: list[int], out) -> None:
@@ -55,7 +48,7 @@ def _rank_logits(rank: int, size: int, port: int, path: str, ids: list[int], out
 def _sharded_logits(path, size: int) -> torch.Tensor:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     ranks = [ctx.Process(target=_rank_logits, args=(r, size, port, str(path), IDS, out)) for r in range(size)]
     for p in ranks:
         p.start()
