@@ -76,6 +76,7 @@ class Workload:
                 self.engine.chat_prompts([build_messages(q["question"]) for q in synthetic_problems(n, seed)])]
 
     def run(self, prompts: list, policy):
+        self.engine.reset_prefix_cache()  # every run starts cold: the policies run the same prompts in turn
         start = time.perf_counter()
         outs = self.engine.generate(prompts, self.params, policy, use_tqdm=False)
         return outs, time.perf_counter() - start

@@ -153,7 +153,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("forced", &RequestSpec::forced)
       .def_readwrite("use_router", &RequestSpec::use_router)
       .def_readwrite("spec_k", &RequestSpec::spec_k)
-      .def_readwrite("accept_rate", &RequestSpec::accept_rate);
+      .def_readwrite("accept_rate", &RequestSpec::accept_rate)
+      .def_readwrite("skip_prefix_cache", &RequestSpec::skip_prefix_cache);
 
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init<const SchedulerConfig&>())

@@ -137,7 +137,7 @@ void Scheduler::end(Request& r, Finish why, const std::string& error) {
 bool Scheduler::reset_prefix_cache() { return running_.empty() && blocks_.reset_cache(); }
 
 bool Scheduler::admit(Request& r, int64_t step, std::array<SubBatch, 2>& sub, StepRecord& rec, int32_t reserve) {
-  if (cfg_.prefix_caching) {
+  if (caches(r)) {
     // the cached blocks of the longest known prefix, short of the last token (it must be fed)
     blocks_.share(r.table, blocks_.match(r.tokens, static_cast<int64_t>(r.tokens.size()) - 1));
     r.num_hashed = static_cast<int32_t>(r.table.size());
@@ -156,7 +156,7 @@ bool Scheduler::admit(Request& r, int64_t step, std::array<SubBatch, 2>& sub, St
   waiting_.pop_front();
   if (!r.started) started_.push_back(r.spec.id);
   r.started = true;
-  if (cfg_.prefix_caching) {
+  if (caches(r)) {
     r.stats.prefix_queries += static_cast<int64_t>(r.tokens.size());
     for (int32_t m = 0; m < 2; ++m) r.stats.prefix_hits[m] += r.filled[m];
   }
@@ -328,7 +328,7 @@ bool Scheduler::make_room(Request& r, int64_t num_tokens) {
 }
 
 bool Scheduler::schedule(Request& r, int64_t step, std::array<SubBatch, 2>& sub, StepRecord& rec) {
-  if (cfg_.prefix_caching) {  // KV of shared blocks that another request computed since the last dispatch
+  if (caches(r)) {  // KV of shared blocks that another request computed since the last dispatch
     const std::array<int32_t, 2> before = r.filled;
     reuse_cached_kv(r);
     for (int32_t m = 0; m < 2; ++m) r.stats.prefix_hits[m] += r.filled[m] - before[m];
@@ -349,7 +349,7 @@ bool Scheduler::schedule(Request& r, int64_t step, std::array<SubBatch, 2>& sub,
     num_logits = 0;
   }
   if (!make_room(r, end)) return false;
-  if (cfg_.prefix_caching) hash_committed(r);
+  if (caches(r)) hash_committed(r);
 
   write_row(r, sb, nx.model, kind, nx.start, end, num_logits);
   // Hashed blocks this dispatch completes hold its model's KV from now on: steps run in order, so any

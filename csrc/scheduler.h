@@ -78,6 +78,8 @@ struct RequestSpec {
   bool use_router = false;         // R-Stitch+: the router decides SLM rows with H > tau_up
   int32_t spec_k = 0;              // > 0: speculative decoding, SLM drafts k, LLM verifies k + 1
   float accept_rate = -1.f;        // benchmarks: accept drafts with this probability instead of verifying
+  // cache
+  bool skip_prefix_cache = false;  // neither reuse cached KV nor offer this request's own (block_manager.h)
 };
 
 struct Stats {
@@ -222,6 +224,8 @@ class Scheduler {
   void preempt(Request& r);
   // Admits r if the blocks it needs beyond its cached prefix are free (keeping `reserve` free); false if not.
   bool admit(Request& r, int64_t step, std::array<SubBatch, 2>& sub, StepRecord& rec, int32_t reserve);
+  // Whether r takes part in prefix caching: the engine caches and r's spec does not opt out.
+  bool caches(const Request& r) const { return cfg_.prefix_caching && !r.spec.skip_prefix_cache; }
   // Prefix caching: hashes r's full committed blocks, and moves r's filled lengths past cached KV.
   void hash_committed(Request& r);
   void reuse_cached_kv(Request& r);

@@ -71,13 +71,15 @@ def test_forced_acceptance_rate(engine, alpha):
 
 
 def test_run_bench_rows(engine):
-    prompts = synthetic_prompts(3, 16, engine.vocab_limit)
+    prompts = synthetic_prompts(3, 40, engine.vocab_limit)
     rows = run_bench(engine, prompts, [policies.SLMOnly(), policies.Forced(llm_share=0.2, mean_run=4)],
                      SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
     assert [r["policy"] for r in rows] == ["llm", "slm", "forced:0.2:4"]
     assert rows[0]["tok_s_vs_llm"] == 1.0 and rows[0]["llm_share"] == 1.0 and rows[1]["llm_share"] == 0.0
     assert all(set(COLUMNS) <= set(r) for r in rows)
     assert all(r["tokens"] == 72 and r["requests"] == 3 and len(r["traces"]) == 3 for r in rows)
+    # every timed run starts cold: its first forward prefills the whole prompt, whatever ran the prompts before
+    assert all(trace[0][1:] == (40, 0) for r in rows for trace in r["traces"])
     assert all(math.isfinite(r[k]) for r in rows for k in ("tok_s", "tok_s_vs_llm", "mean_latency_s", "wall_s"))
     forced = rows[2]
     assert 0 < forced["llm_share"] < 1 and forced["switches_per_1k"] > 0

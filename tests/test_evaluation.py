@@ -374,6 +374,11 @@ class FakeEngine:
         self.tokenizer = tokenizer
         self.gold = {build_messages(p["question"])[0]["content"]: p["answer"] for p in problems}
         self.calls = []
+        self.resets = []
+
+    def reset_prefix_cache(self):
+        self.resets.append(len(self.calls))
+        return True
 
     def chat(self, conversations, params, *, policy, use_tqdm):
         self.calls.append((len(conversations), params, policy, use_tqdm))
@@ -400,6 +405,7 @@ def test_run_eval_end_to_end(tokenizer, tmp_path):
 
     assert [(n, p, use_tqdm) for n, p, _, use_tqdm in engine.calls] == [(2, "PARAMS", False), (2, "PARAMS", False),
                                                                          (1, "PARAMS", False)] * 3
+    assert engine.resets == [0, 3, 6], "every policy starts with an empty prefix cache"
     run = tmp_path / "run"
     assert sorted(f.name for f in run.iterdir()) == ["pareto.png", "records.jsonl", "summary.json", "summary.md",
                                                      "view-rstitch_0.02.html"]

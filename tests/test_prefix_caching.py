@@ -136,3 +136,28 @@ def test_cache_off_registers_nothing(pair):
     assert eng.sched.num_cached_blocks == 0, "nothing is registered with the cache off"
     with pytest.raises(TypeError, match="prefix_caching"):
         Engine(slm=pair[0], llm=pair[1], device="cpu", prefix_caching="yes")
+
+
+def test_a_request_that_skips_the_cache_neither_reads_nor_offers(engines, hf_pair):
+    """SamplingParams(skip_prefix_cache=True): the request computes its whole prompt whatever is cached, and
+    leaves nothing for later requests; its trace is that of an engine without the cache."""
+    eng, off = engines["sync"], engines["off"]
+    assert eng.reset_prefix_cache()
+    free = eng.num_free_blocks
+    skip = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0.0, skip_prefix_cache=True)
+    rstitch = policies.RStitch(tau=TAU)
+    [first] = eng.generate([PROMPTS[0]], skip, rstitch, use_tqdm=False)
+    assert eng.sched.num_cached_blocks == 0, "a skipping request offers none of its blocks"
+    [shared] = eng.generate([PROMPTS[0]], GREEDY, rstitch, use_tqdm=False)
+    assert shared.stats["prefix_hits_slm"] == 0, "nothing was left by the skipping request"
+    [again] = eng.generate([PROMPTS[0]], skip, rstitch, use_tqdm=False)
+    [alone] = off.generate([PROMPTS[0]], GREEDY, rstitch, use_tqdm=False)
+    tokens, sources = expected(hf_pair, eng, PROMPTS[0])
+    for out in (first, again):
+        assert (out.token_ids, out.sources) == (tokens, sources)
+        assert out.trace == alone.trace, "the skipping request ran the forwards of a cache-free engine"
+        assert out.stats["prefix_queries"] == out.stats["prefix_hits_slm"] == out.stats["prefix_hits_llm"] == 0
+    assert eng.sched.num_cached_blocks > 0, "the request that did not skip offered its blocks"
+    assert eng.num_free_blocks == free
+    with pytest.raises(TypeError, match="skip_prefix_cache"):
+        SamplingParams(skip_prefix_cache="yes")

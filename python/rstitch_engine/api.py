@@ -164,6 +164,7 @@ class Engine:
         spec.temperature = 0.0 if params.greedy else float(params.temperature)
         spec.top_p, spec.top_k = float(params.top_p), params.top_k
         spec.seed = scheduler_seed(seed)
+        spec.skip_prefix_cache = params.skip_prefix_cache
         # Forced patterns cover the outputs the context can hold, not a max_tokens of 2**31 - 1.
         policy.configure(spec, min(params.max_tokens, self.max_model_len))
         return spec

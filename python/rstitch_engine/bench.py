@@ -42,6 +42,7 @@ def time_policy(engine, prompts: list[list[int]], params: SamplingParams, policy
     """One timed generate() of all prompts (after a short warm-up) and its metrics."""
     warm = dataclasses.replace(params, max_tokens=min(params.max_tokens, 8))
     engine.generate(prompts[:2], warm, policy, use_tqdm=False)
+    engine.reset_prefix_cache()  # the timed run starts cold, whatever ran before (the warm-up, other policies)
     first: dict[int, float] = {}
     last: dict[int, float] = {}
 

@@ -47,6 +47,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    # True: neither reuse cached prefix KV nor offer this request's own, so its forwards (trace, timings)
+    # are those of the request alone: rewards and measurements that must not depend on what ran before
+    skip_prefix_cache: bool = False
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -66,7 +69,7 @@ class SamplingParams:
         if not isinstance(stops, (list, tuple)) or any(not isinstance(s, str) or not s for s in stops):
             raise checks.InvalidValue("stop", "a non-empty string or a list of them", self.stop)
         self.stop_strings = tuple(stops)
-        for name in ("ignore_eos", "skip_special_tokens"):
+        for name in ("ignore_eos", "skip_special_tokens", "skip_prefix_cache"):
             checks.flag(name, getattr(self, name))
         if self.stop_token_ids is not None:
             checks.token_ids("stop_token_ids", self.stop_token_ids)

@@ -107,6 +107,7 @@ def run_eval(engine, problems: list[dict], policies: list[tuple[str, object]], p
                 bar.update(len(problems))
                 continue
             bar.set_description(name)
+            engine.reset_prefix_cache()  # each policy starts cold: no prompt KV cached by the policy before it
             for start in range(0, len(problems), batch_size):
                 batch = problems[start:start + batch_size]
                 start_s = time.perf_counter()

@@ -81,8 +81,11 @@ def decisions_that_mattered(decisions: Decisions, out: RequestOutput, seed: int)
 
 def score(engine, problems: list[dict], indices: list[int], seeds: list[int], policy, *, task: Task,
           max_tokens: int, latency_model, lam: float, lm_temperature: float = 0.0) -> list[Rollout]:
-    """One generate() of `problems[indices[k]]` with seed `seeds[k]` under `policy`, each output scored."""
-    params = [SamplingParams(max_tokens=max_tokens, temperature=lm_temperature, seed=s) for s in seeds]
+    """One generate() of `problems[indices[k]]` with seed `seeds[k]` under `policy`, each output scored.
+    The requests skip the prefix cache: a rollout's forwards, and so its estimated latency and reward, are
+    those of the request alone, not of which rollout or policy happened to run the prompt first."""
+    params = [SamplingParams(max_tokens=max_tokens, temperature=lm_temperature, seed=s, skip_prefix_cache=True)
+              for s in seeds]
     outs = engine.generate([task.prompt(problems[i]) for i in indices], params, policy, use_tqdm=False)
     rollouts = []
     for i, s, out in zip(indices, seeds, outs):
