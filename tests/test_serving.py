@@ -319,6 +319,18 @@ def test_rstitch_plus_uses_the_router_the_server_loaded(engine, tmp_path):
         assert other.status_code == 400 and "not loaded" in other.json()["error"]["message"]
 
 
+def test_the_servers_policy_decides_requests_that_name_none(engine):
+    """ServerConfig.default_policy (`rstitch serve --policy` / `--tau`) routes requests without a `rstitch`
+    policy; None leaves them to the engine's default (R-Stitch with both models); a lone server names no
+    replica."""
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 8, "temperature": 0}
+    with ServerThread(engine, ServerConfig(MODEL, policies.LLMOnly())) as s:
+        stats = httpx.post(s.url + "/v1/completions", json=body).json()["rstitch"]
+        assert stats["llm_share"] == 1.0 and stats["switches_to_llm"] == 0 and "replica" not in stats
+    with ServerThread(engine, ServerConfig(MODEL, None)) as s:  # R-Stitch starts on the SLM
+        assert httpx.post(s.url + "/v1/completions", json=body).json()["rstitch"]["switches_to_llm"] > 0
+
+
 def test_api_key_guards_v1_and_leaves_health_and_metrics_open(engine, monkeypatch):
     """--api-key: /v1/* needs 'Authorization: Bearer KEY' (401 in OpenAI's error shape without it or with
     another key); /health and /metrics stay open; the OpenAI client with the key works."""

@@ -6,7 +6,7 @@ import os
 import sys
 
 from .cli_args import (DEMO_PAIR, POLICY_GRAMMAR, HelpFormatter, chosen_policy, chosen_problems, cut_note, engine_args,
-                       make_engine, policy_args, problem_args, sampling_args, sampling_params)
+                       engine_kwargs, make_engine, policy_args, problem_args, sampling_args, sampling_params)
 from .serving import MAX_REQUEST_BYTES, SHUTDOWN_TIMEOUT_S
 
 
@@ -196,12 +196,25 @@ def cmd_serve(args) -> None:
     if api_key is None and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who reaches it can use it "
               f"(--api-key or {API_KEY_ENV})", file=sys.stderr)
-    engine = make_engine(args)
-    policy = chosen_policy(args, engine)
     name = args.served_model_name or str(args.llm or args.slm)
-    print(f"serving {name!r} with policy {policy.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    config = ServerConfig(name, policy, max_waiting=args.max_waiting, router=args.router, api_key=api_key,
-                          max_request_bytes=args.max_request_bytes, request_timeout_s=args.request_timeout)
+    config = ServerConfig(name, chosen_policy(args), max_waiting=args.max_waiting, router=args.router,
+                          api_key=api_key, max_request_bytes=args.max_request_bytes,
+                          request_timeout_s=args.request_timeout)
+    if args.ray_address is not None and args.replicas is None:
+        sys.exit("error: --ray-address deploys replicas: give --replicas N too")
+    if args.replicas is not None:
+        from .serving.replicas import ReplicaOptions, serve_replicas
+
+        options = ReplicaOptions(args.replicas, host=args.host, port=args.port, ray_address=args.ray_address,
+                                 max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
+                                 shutdown_timeout=args.shutdown_timeout)
+        print(f"serving {name!r} from {args.replicas} replicas on http://{args.host}:{args.port}/v1",
+              file=sys.stderr)
+        return serve_replicas(engine_kwargs(args, progress=False), config, options)
+    engine = make_engine(args)
+    config.default_policy = chosen_policy(args, engine)
+    print(f"serving {name!r} with policy {config.default_policy.name} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
     serve(engine, config, host=args.host, port=args.port, log_level=args.log_level,
           shutdown_timeout=args.shutdown_timeout)
 
@@ -304,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "\"rstitch\": {\"policy\": \"rstitch+\"}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level")
+    p.add_argument("--replicas", type=int, metavar="N", help="serve from N engine replicas, a Ray Serve "
+                   "application behind one ingress (each replica: tensor-parallel-size GPUs; --max-waiting is "
+                   "the application's queue); needs the `ray` extra")
+    p.add_argument("--ray-address", metavar="ADDR", help="with --replicas: the Ray cluster to deploy on "
+                   "(default: start Ray on this machine, stopped with the server)")
     engine_args(p)
     policy_args(p)
     p.set_defaults(func=cmd_serve)

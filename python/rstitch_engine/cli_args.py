@@ -165,16 +165,21 @@ def apply_threads(requested: int | None, device) -> None:
     torch.set_num_threads(threads)
 
 
-def make_engine(args, require_model: bool = True, **overrides):
-    """The engine of the command's options (--slm, --llm and the EngineConfig ones it was given); `overrides`
-    replace or add Engine keyword arguments."""
-    from . import Engine
-
+def engine_kwargs(args, require_model: bool = True, **overrides) -> dict:
+    """Engine keyword arguments of the command's options (--slm, --llm and the EngineConfig ones it was
+    given); `overrides` replace or add some."""
     if require_model and not (args.llm or args.slm):
         sys.exit("error: give --llm and/or --slm")
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
               if getattr(args, f.name, None) is not None}
-    kwargs.update(progress=True, **overrides)
+    return {**kwargs, "progress": True, **overrides}
+
+
+def make_engine(args, require_model: bool = True, **overrides):
+    """The engine of the command's options (engine_kwargs)."""
+    from . import Engine
+
+    kwargs = engine_kwargs(args, require_model, **overrides)
     apply_threads(getattr(args, "threads", None), kwargs.get("device"))
     return Engine(**kwargs)
 
@@ -186,14 +191,15 @@ def sampling_params(args):
                           top_k=args.top_k, seed=args.seed)
 
 
-def chosen_policy(args, engine):
+def chosen_policy(args, engine=None):
+    """The policy of --policy or --tau, else the engine's default (None without an engine)."""
     from .policies import RStitch, parse_policy
 
     if args.policy:
         return parse_policy(args.policy)
     if args.tau is not None:
         return RStitch(tau=args.tau)
-    return engine.default_policy
+    return engine.default_policy if engine is not None else None
 
 
 def cut_note(out, max_tokens: int, max_model_len: int | None) -> str | None:

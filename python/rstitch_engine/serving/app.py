@@ -49,12 +49,13 @@ RETRY_AFTER_S = 1
 @dataclass
 class ServerConfig:
     model_name: str
-    default_policy: Policy
+    default_policy: Policy | None   # of requests that name none (None: the engine's default)
     max_waiting: int | None = None  # 503 once this many requests wait (None: no limit)
     router: str | None = None       # the R-Stitch+ router file requests may use
     api_key: str | None = None      # every /v1/ request must carry it as a bearer token (None: open)
     max_request_bytes: int = MAX_REQUEST_BYTES  # larger bodies: 413
     request_timeout_s: float | None = None      # running longer: aborted, 408 (None: no limit)
+    replica: str | None = None      # this server's replica of a Ray Serve application (serving/replicas.py)
 
 
 def routing_stats(outputs: list[RequestOutput]) -> dict:
@@ -169,12 +170,13 @@ def build_app(online: AsyncEngine, config: ServerConfig) -> FastAPI:
             prompts = await asyncio.to_thread(_prompt_ids, engine, parsed, chat)
             check_lengths(parsed, prompts, max_model_len=engine.max_model_len,
                           kv_tokens=engine.sched.num_blocks * engine.sched.block_size)
-            requests = await _admit(online, parsed, prompts, param="messages" if chat else "prompt")
+            policy = parsed.policy if parsed.policy is not None else config.default_policy
+            requests = await _admit(online, parsed, prompts, policy, param="messages" if chat else "prompt")
         except APIError as e:
             return error_response(e)
         except InvalidValue as e:  # a field out of its type or range (rstitch_engine.checks)
             return error_response(APIError(str(e), param=e.name))
-        call = _Call(parsed, chat, config.model_name, prompts, requests, config.request_timeout_s)
+        call = _Call(parsed, chat, config, prompts, requests)
         if parsed.stream:
             return StreamingResponse(call.events(), media_type="text/event-stream")
         return await call.complete(request)
@@ -182,7 +184,8 @@ def build_app(online: AsyncEngine, config: ServerConfig) -> FastAPI:
     return app
 
 
-async def _json(request: Request, limit: int):
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 past `limit` bytes (declared or read)."""
     too_large = APIError(f"the request body exceeds the server's limit of {limit} bytes (--max-request-bytes)",
                          status=413, type="RequestTooLargeError")
     declared = request.headers.get("content-length", "")
@@ -193,6 +196,11 @@ async def _json(request: Request, limit: int):
         body += piece
         if len(body) > limit:
             raise too_large
+    return bytes(body)
+
+
+async def _json(request: Request, limit: int):
+    body = await read_body(request, limit)
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -213,14 +221,15 @@ def _prompt_ids(engine, parsed: ParsedRequest, chat: bool) -> list[list[int]]:
                        param="messages") from None
 
 
-async def _admit(online: AsyncEngine, parsed: ParsedRequest, prompts: list[list[int]], param: str) -> list:
+async def _admit(online: AsyncEngine, parsed: ParsedRequest, prompts: list[list[int]], policy: Policy | None,
+                 param: str) -> list:
     """One engine request per choice (prompt i, sample j -> choice i * n + j); all or none."""
     base = uuid.uuid4().hex
     admitted = []
     try:
         for i, ids in enumerate(prompts):
             for j, params in enumerate(parsed.params):
-                admitted.append(await online.add(ids, params, policy=parsed.policy,
+                admitted.append(await online.add(ids, params, policy=policy,
                                                  request_id=f"{base}-{i * parsed.n + j}"))
     except BaseException as e:
         for r in admitted:
@@ -236,10 +245,10 @@ async def _admit(online: AsyncEngine, parsed: ParsedRequest, prompts: list[list[
 class _Call:
     """One HTTP request's choices: collected into one response, or streamed as SSE chunks."""
 
-    def __init__(self, parsed: ParsedRequest, chat: bool, model: str, prompts: list[list[int]], requests: list,
-                 timeout_s: float | None):
-        self.parsed, self.chat, self.model, self.requests = parsed, chat, model, requests
-        self.timeout_s = timeout_s
+    def __init__(self, parsed: ParsedRequest, chat: bool, config: ServerConfig, prompts: list[list[int]],
+                 requests: list):
+        self.parsed, self.chat, self.model, self.requests = parsed, chat, config.model_name, requests
+        self.timeout_s, self.replica = config.request_timeout_s, config.replica
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.id = ("chatcmpl-" if chat else "cmpl-") + requests[0].request_id.partition("-")[0]
         self.created = int(time.time())
@@ -248,6 +257,13 @@ class _Call:
     def _abort(self) -> None:
         for r in self.requests:
             r.abort()
+
+    def _rstitch(self, outputs: list[RequestOutput]) -> dict:
+        """The `rstitch` field: routing statistics, and the replica that served them if there are several."""
+        stats = routing_stats(outputs)
+        if self.replica is not None:
+            stats["replica"] = self.replica
+        return stats
 
     async def _pump(self, index: int, request, sink: asyncio.Queue) -> None:
         """Moves one choice's outputs into the call's queue."""
@@ -317,7 +333,7 @@ class _Call:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": [self._choice(i, o.text, o.finish_reason, o.sources, o.entropies, "message")
                             for i, o in enumerate(outputs)],
-                "usage": usage(self.prompt_tokens, outputs), "rstitch": routing_stats(outputs),
+                "usage": usage(self.prompt_tokens, outputs), "rstitch": self._rstitch(outputs),
                 **metrics_field(outputs)}
 
     def _timed_out(self) -> APIError:
@@ -362,7 +378,7 @@ class _Call:
                 extra = {}
                 if out.finished:
                     finals.append(out.output)
-                    choice["rstitch"] = routing_stats([out.output])
+                    choice["rstitch"] = self._rstitch([out.output])
                     extra.update(metrics_field([out.output]))
                 if self.parsed.continuous_usage:
                     extra["usage"] = usage(self.prompt_tokens, completion_tokens=completion_tokens)
@@ -371,7 +387,7 @@ class _Call:
             if failed is not None:
                 yield sse(failed.body())
             elif self.parsed.include_usage:
-                yield self._chunk([], usage=usage(self.prompt_tokens, finals), rstitch=routing_stats(finals),
+                yield self._chunk([], usage=usage(self.prompt_tokens, finals), rstitch=self._rstitch(finals),
                                   **metrics_field(finals))
             yield "data: [DONE]\n\n"
         finally:
