@@ -197,3 +197,28 @@ def test_offline_generate_beside_an_async_engine(online, engine, solo):
     offline, streamed = asyncio.run(main())
     assert offline[0].token_ids == solo[0].token_ids
     assert streamed[-1].output.token_ids == solo[3].token_ids
+
+
+def test_the_front_detokenizes_what_has_no_stop_strings(online, engine, solo, monkeypatch):
+    """Requests without stop strings are detokenized on the event loop, not in the step thread, with the
+    same text; a request with stop strings is detokenized in the step (its stop must be known before the
+    next step is planned) and stops as offline."""
+    threads = []
+    decode = engine.tokenizer.decode
+
+    def recording_decode(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "decode", recording_decode)
+    outs = asyncio.run(collect(online, PROMPTS[2], policy=POLICIES[2]))
+    assert "".join(o.text for o in outs) == outs[-1].output.text == solo[2].text
+    assert threads and "rstitch-step-loop" not in threads, "no text was made in the step thread"
+    stop = solo[2].text[3:5]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop])
+    [offline] = engine.generate([PROMPTS[2]], params, POLICIES[2], use_tqdm=False)
+    threads.clear()
+    outs = asyncio.run(collect(online, PROMPTS[2], params, policy=POLICIES[2]))
+    assert "".join(o.text for o in outs) == outs[-1].output.text == offline.text
+    assert outs[-1].output.token_ids == offline.token_ids and outs[-1].output.finish_reason == "stop"
+    assert "rstitch-step-loop" in threads

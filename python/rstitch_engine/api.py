@@ -214,12 +214,15 @@ class Engine:
     # ---- the online core: requests join between steps, one step loop serves every caller ---------------------
     def add_requests(self, prompts: list, params: list[SamplingParams], policies: list[Policy],
                      sink: Callable[[StreamOutput], None], *, request_ids: list | None = None,
-                     stream_text: bool = False) -> list[RequestOutput]:
+                     stream_text: bool = False, detokenize: bool = True) -> list[RequestOutput]:
         """Admits requests to the running batch; all or none (on any exception, KeyboardInterrupt included,
         those already added are aborted and their blocks released). Returns one RequestOutput each: a
         request the engine cannot serve is finished already (finish_reason "error"); the others are
         filled in when they finish. `sink` receives each request's StreamOutputs from whichever thread runs
-        the step (text deltas with `stream_text`); it must be quick and must not raise. Invalid arguments
+        the step (text deltas with `stream_text`); it must be quick and must not raise. `detokenize=False`:
+        the caller makes the text of requests without stop strings (`text_stream`, `final_text`), outside the
+        step; those with stop strings are detokenized here, since their stop must be known before the next
+        step is planned (streaming.py). Invalid arguments
         raise ValueError/TypeError before anything is admitted. Thread-safe."""
         n = len(prompts)
         request_ids = list(range(n)) if request_ids is None else request_ids
@@ -251,9 +254,9 @@ class Engine:
                         continue
                     if spec.spec_k and spec.temperature > 0:
                         draft_k = max(draft_k, spec.spec_k)
-                    text = TextStream(self.tokenizer, sp.stop_strings, sp.skip_special_tokens) \
-                        if self.tokenizer is not None and (sp.stop_strings or stream_text) else None
-                    self._live[spec.id] = _Live(out, sp, text, sink, isinstance(pol, RStitchPlus))
+                    text = self.text_stream(sp) if sp.stop_strings or (stream_text and detokenize) else None
+                    self._live[spec.id] = _Live(out, sp, text, sink, isinstance(pol, RStitchPlus),
+                                                detokenize or bool(sp.stop_strings))
                 if draft_k > self.core.draft_k:  # the draft buffers grow only with no step in flight
                     self._deliver(self.core.drain(), time.monotonic())
                     self.core.ensure_draft_logits(draft_k, self.dtype)
@@ -321,16 +324,14 @@ class Engine:
             live.output.metrics.setdefault("first_token_time", now)
             delta = ""
             if live.text is not None:
-                with self._tokenizer_lock:
-                    delta, stopped = live.text.push(tokens)
+                delta, stopped = live.text.push(tokens)
                 if stopped:
                     self.sched.finish_stop(rid)
             live.sink(StreamOutput(live.output.request_id, tokens, sources, entropies, delta, now))
         for rid in self.sched.take_finished():
             live = self._live.pop(rid)
             self._finish(rid, live, now)
-            with self._tokenizer_lock:
-                rest = live.text.finish(live.output.text) if live.text is not None else ""
+            rest = live.text.finish(live.output.text) if live.text is not None else ""
             live.sink(StreamOutput(live.output.request_id, text=rest, time=now, output=live.output))
 
     def _finish(self, rid: int, live: "_Live", now: float) -> None:
@@ -343,10 +344,21 @@ class Engine:
         out.stats = dict(r["stats"], latency_s=now - out.metrics["arrival_time"])
         out.trace = [tuple(t) for t in r["trace"]]
         out.routed = r["routed"]
-        if self.tokenizer is not None:
-            with self._tokenizer_lock:
-                text = self.tokenizer.decode(out.token_ids, skip_special_tokens=params.skip_special_tokens)
-            out.text = cut_at_stop(text, params.stop_strings)
+        if self.tokenizer is not None and live.detokenize:
+            out.text = self.final_text(out.token_ids, params)
+
+    def text_stream(self, params: SamplingParams) -> TextStream | None:
+        """The text deltas of a request with these parameters as its tokens come (None without a tokenizer).
+        Thread-safe: it decodes under the tokenizer's lock."""
+        if self.tokenizer is None:
+            return None
+        return TextStream(self.tokenizer, params.stop_strings, params.skip_special_tokens, self._tokenizer_lock)
+
+    def final_text(self, token_ids: list[int], params: SamplingParams) -> str:
+        """A finished request's text: its tokens decoded, cut at the first stop string. Thread-safe."""
+        with self._tokenizer_lock:
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
+        return cut_at_stop(text, params.stop_strings)
 
     def _abort(self, ids) -> None:
         """Finishes these requests and waits for in-flight steps (whose events still reach their requests'
@@ -463,6 +475,7 @@ class _Live:
     text: TextStream | None
     sink: Callable[[StreamOutput], None]
     uses_router: bool
+    detokenize: bool  # the engine makes its text (else the caller does, outside the step)
 
 
 def _prompt_list(prompts) -> list:

@@ -101,10 +101,13 @@ class AsyncEngine:
         if not self.healthy:
             raise EngineDeadError(f"the engine's step loop failed: {self.error!r}")
         loop = asyncio.get_running_loop()
-        request = RequestStream(self, request_id if request_id is not None else f"req-{next(self._ids)}")
-        admission = _Admission(request.request_id, prompt, params if params is not None else SamplingParams(),
-                               policy, stream_text, lambda out: _post(loop, request.queue.put_nowait, out),
-                               loop.create_future(), loop)
+        params = params if params is not None else SamplingParams()
+        params.validate()  # its stop strings decide who detokenizes
+        front = _FrontText(self.engine, params, stream_text) \
+            if self.engine.tokenizer is not None and not params.stop_strings else None
+        request = RequestStream(self, request_id if request_id is not None else f"req-{next(self._ids)}", front)
+        admission = _Admission(request.request_id, prompt, params, policy, stream_text,
+                               lambda out: _post(loop, request.queue.put_nowait, out), loop.create_future(), loop)
         with self._pending_lock:
             self._pending += 1
         self._commands.put(("add", admission))
@@ -186,7 +189,7 @@ class AsyncEngine:
 
         try:
             [out] = self.engine.add_requests([a.prompt], [a.params], [policy], sink, request_ids=[a.request_id],
-                                             stream_text=a.stream_text)
+                                             stream_text=a.stream_text, detokenize=False)
         except BaseException as e:
             done(e)
             if isinstance(e, (ValueError, TypeError)):
@@ -223,12 +226,29 @@ class AsyncEngine:
             log.exception("aborting the requests in flight failed")
 
 
+class _FrontText:
+    """The text of a request without stop strings, made on the event loop as its outputs are read, not in
+    the step thread (streaming.py, 'Who detokenizes')."""
+
+    def __init__(self, engine: Engine, params: SamplingParams, stream_text: bool):
+        self.engine, self.params = engine, params
+        self.stream = engine.text_stream(params) if stream_text else None
+
+    def fill(self, out: StreamOutput) -> None:
+        if self.stream is not None and out.token_ids:
+            out.text, _ = self.stream.push(out.token_ids)
+        if out.finished:
+            out.output.text = self.engine.final_text(out.output.token_ids, self.params)
+            if self.stream is not None:
+                out.text = self.stream.finish(out.output.text)
+
+
 class RequestStream:
     """One admitted request: iterate for its StreamOutputs (the last one `finished`); `abort()` from any
     thread ends it early (a no-op once it finished)."""
 
-    def __init__(self, online: AsyncEngine, request_id: str):
-        self.online, self.request_id = online, request_id
+    def __init__(self, online: AsyncEngine, request_id: str, front: _FrontText | None = None):
+        self.online, self.request_id, self.front = online, request_id, front
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
 
@@ -243,6 +263,8 @@ class RequestStream:
             self.finished = True
             raise out
         self.finished = out.finished
+        if self.front is not None:
+            self.front.fill(out)
         return out
 
     def abort(self) -> None:

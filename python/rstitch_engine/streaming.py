@@ -1,12 +1,18 @@
 """Incremental outputs of a running request: what one step added (token ids, sources, entropies, a text
 delta), and the text stream that produces the deltas.
 
+Who detokenizes: the engine, in the step, for requests with stop strings (their stop must be known before
+the next step is planned) and for its own callers (`generate`, `add_requests`); the asyncio front
+(AsyncEngine's RequestStream) for the others, on the event loop, while the step thread runs the next step,
+as vLLM's front process does.
+
 Text is streamed as vLLM streams it when stop strings are set: the last `max(len(stop)) - 1` characters
 are held back until the next tokens show that no stop string starts there, and the text ends where the
 first stop string begins. So the deltas of a request, joined, are exactly its final `text`.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 from .detokenize import IncrementalDecoder
@@ -37,8 +43,9 @@ class TextStream:
     """The text of one request as its tokens arrive: `push` returns the delta that is safe to emit and
     whether a stop string was reached; `finish` returns the rest of the final text."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...], skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, stops: tuple[str, ...], skip_special_tokens: bool = True, lock=None):
         self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens)
+        self.lock = lock or contextlib.nullcontext()  # the tokenizer's, where other threads decode too
         self.stops = stops
         self.hold = max(map(len, stops), default=1) - 1
         self.sent = 0  # characters of decoder.text emitted
@@ -48,7 +55,8 @@ class TextStream:
         if self.stopped:
             return "", True
         tail = len(self.decoder.text)
-        self.decoder.push(token_ids)
+        with self.lock:
+            self.decoder.push(token_ids)
         text = self.decoder.text
         end = len(text) - self.hold
         if self.stops:
