@@ -73,6 +73,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:  # one worker runs them one after another: each holds ~10 GB of fp32 weights
         if "demo_pair" in item.keywords:
             item.add_marker(pytest.mark.xdist_group("demo_pair"))
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        for item in items:
+            groups = sorted({str(m.args[0]) for m in item.iter_markers("xdist_group")})
+            if groups and "@" not in item.nodeid:
+                _group_node_id(item, "_".join(groups))
+
+
+def _group_node_id(item, group: str) -> None:
+    """xdist's loadgroup sends the tests whose node ids end in '@group' to one worker. xdist 3.8 writes that
+    suffix to `item._nodeid`, where pytest 9 no longer keeps the id, so there the groups fell apart (the demo
+    pair loaded by two workers at once, two Ray applications): write it where this pytest keeps it."""
+    if hasattr(item, "_id"):  # pytest >= 9 (where xdist may have set a `_nodeid` nothing reads)
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(f"{item.nodeid}@{group}")
+    else:
+        item._nodeid = f"{item.nodeid}@{group}"
 
 
 MAX_WORKERS = 4  # each worker imports torch and builds its own tiny models: more cost memory, gain little

@@ -10,10 +10,12 @@ Ray Serve's public API:
   `check_health` is the step loop's health, so Ray Serve replaces a replica whose engine failed, as it does one
   whose process died. GPUs per replica: the tensor-parallel size, in one placement-group bundle.
 - `Ingress` (one replica, no GPU): reads the body (413 past the limit), forwards the request through a
-  deployment handle (Ray Serve routes it, power of two choices) and streams the answer back. One ingress is
-  the only caller, so the handle's queue is the application's: `--max-waiting` is `max_queued_requests`, each
-  replica takes `max_num_seqs` requests at once (`max_ongoing_requests`), and a request past both is a 503
-  with Retry-After in OpenAI's error shape. A replica that dies fails its requests with a 503 (not started)
+  deployment handle (Ray Serve routes it, power of two choices) and streams the answer back. Each replica
+  takes `max_num_seqs` requests at once (`max_ongoing_requests`), the rest wait in the handle's queue; the
+  one ingress counts the requests in the application, so `--max-waiting` bounds the application's queue:
+  past every replica's `max_num_seqs` plus `--max-waiting`, a 503 with Retry-After in OpenAI's error shape
+  (Ray Serve's own `max_queued_requests` also counts requests a free replica is about to take, so a burst
+  would be refused with replicas idle). A replica that dies fails its requests with a 503 (not started)
   or an error event (streaming); nothing hangs.
 - `MetricsHub` (a Ray actor): each replica pushes its Prometheus exposition every METRICS_PUSH_S; the
   ingress's /metrics is their union, every series labelled with its `replica` (sum over it for the
@@ -24,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,7 +38,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError
 
 from . import MAX_REQUEST_BYTES, SHUTDOWN_TIMEOUT_S
 from .app import RETRY_AFTER_S, ServerConfig, error_response, read_body, sse
@@ -47,7 +49,7 @@ METRICS_STALE_S = 5.0
 HEALTH_CHECK_PERIOD_S = 2.0
 START_TIMEOUT_S = 600.0
 # The ingress only forwards: it takes every request at once (Ray Serve's default of 5 would queue the rest
-# at the proxy, unbounded, before the application's queue could refuse them)
+# at the proxy, unbounded, before the ingress could count them)
 INGRESS_MAX_ONGOING = 100_000
 MIN_OBJECT_STORE_BYTES = 100 * 2**20  # Ray's object store carries only requests and chunks here
 # A Ray started here: no usage reporting; a proxy that takes more than Ray Serve's 5 s to come up on a busy
@@ -170,9 +172,10 @@ def replica_failed(e: BaseException) -> APIError:
                     status=503, type="ServiceUnavailableError", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-async def _rest(answer, streaming: bool):
+async def _rest(answer, streaming: bool, done):
     """The body's pieces after the start; a replica that dies mid-stream ends an event stream with an error
-    event (a plain body is cut short: its length no longer matches). Cancelled: the replica aborts."""
+    event (a plain body is cut short: its length no longer matches). Cancelled: the replica aborts. `done()`
+    when it ends, however."""
     try:
         async for piece in answer:
             yield piece
@@ -181,6 +184,7 @@ async def _rest(answer, streaming: bool):
             yield sse(replica_failed(e).body()).encode()
     finally:
         answer.cancel()
+        done()
 
 
 ingress_app = FastAPI(title="rstitch-engine", docs_url=None, redoc_url=None)
@@ -190,8 +194,10 @@ ingress_app = FastAPI(title="rstitch-engine", docs_url=None, redoc_url=None)
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(ingress_app)
 class Ingress:
-    def __init__(self, engines, hub, max_request_bytes: int):
+    def __init__(self, engines, hub, max_request_bytes: int, capacity: int | None):
         self.engines, self.hub, self.max_request_bytes = engines, hub, max_request_bytes
+        self.capacity = capacity  # requests running or waiting in the application at most (None: no limit)
+        self.in_flight = 0        # forwarded /v1/ POSTs whose answer has not ended
 
     @ingress_app.get("/metrics")
     async def metrics(self):
@@ -203,18 +209,30 @@ class Ingress:
             body = await read_body(request, self.max_request_bytes)
         except APIError as e:
             return error_response(e)
+        counted = request.method == "POST" and path.startswith("v1/")
+        if counted and self.capacity is not None and self.in_flight >= self.capacity:
+            return error_response(APIError(f"{self.in_flight} requests run or wait in the application already "
+                                           f"(every replica's --max-num-seqs plus --max-waiting); retry later",
+                                           status=503, type="ServiceUnavailableError",
+                                           headers={"Retry-After": str(RETRY_AFTER_S)}))
+        self.in_flight += counted
+
+        def done() -> None:
+            self.in_flight -= counted
+
         answer = self.engines.options(stream=True).forward.remote(
             request.method, request.url.path, request.url.query.encode(), request.headers.raw, body)
         try:
             start = await answer.__anext__()
-        except BackPressureError as e:
-            return error_response(APIError(f"every replica is busy and the application's queue is full "
-                                           f"(--max-waiting): {e}; retry later", status=503,
-                                           type="ServiceUnavailableError", headers={"Retry-After": str(RETRY_AFTER_S)}))
         except RayError as e:
+            done()
             return error_response(replica_failed(e))
+        except BaseException:
+            done()
+            raise
         streaming = dict(start["headers"]).get("content-type", "").startswith("text/event-stream")
-        return StreamingResponse(_rest(answer, streaming), status_code=start["status"], headers=dict(start["headers"]))
+        return StreamingResponse(_rest(answer, streaming, done), status_code=start["status"],
+                                 headers=dict(start["headers"]))
 
 
 @dataclass
@@ -275,12 +293,12 @@ class ReplicaApplication:
         serve.start(http_options={"host": o.host, "port": o.port})
         hub = MetricsHub.options(name=f"{APP_NAME}-metrics", get_if_exists=True).remote()
         engines = EngineReplica.options(
-            num_replicas=o.replicas, max_ongoing_requests=self.config.max_num_seqs,
-            max_queued_requests=-1 if o.max_waiting is None else o.max_waiting,
-            health_check_period_s=HEALTH_CHECK_PERIOD_S, graceful_shutdown_timeout_s=o.shutdown_timeout,
+            num_replicas=o.replicas, max_ongoing_requests=self.config.max_num_seqs, health_check_period_s=HEALTH_CHECK_PERIOD_S, graceful_shutdown_timeout_s=o.shutdown_timeout,
             **replica_resources(self.device, self.config.tensor_parallel_size)
         ).bind(self.engine_kwargs, self.server, hub)
-        self._deploy(Ingress.options(max_ongoing_requests=INGRESS_MAX_ONGOING).bind(engines, hub, o.max_request_bytes))
+        capacity = None if o.max_waiting is None else o.replicas * self.config.max_num_seqs + o.max_waiting
+        self._deploy(Ingress.options(max_ongoing_requests=INGRESS_MAX_ONGOING).bind(
+            engines, hub, o.max_request_bytes, capacity))
 
     def _deploy(self, app) -> None:
         """serve.run, which waits for every replica for as long as it takes (forever when the cluster lacks
@@ -314,19 +332,14 @@ class ReplicaApplication:
                 ray.shutdown()
                 self._started_ray = False
 
-    def replica_actors(self) -> list:
-        """The live engine replicas' Ray actors (tests kill one)."""
-        names = ray.util.list_named_actors(all_namespaces=True)
-        return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in names
-                if "EngineReplica" in a["name"] and a["namespace"] == "serve"]
-
 
 def serve_replicas(engine_kwargs: dict, server: ServerConfig, options: ReplicaOptions) -> None:
     """`rstitch serve --replicas N`: serves until Ctrl-C or SIGTERM (each replica drains for shutdown_timeout
     s), then stops the application, and Ray when it was started here."""
     stop = threading.Event()
     try:
-        with ReplicaApplication(engine_kwargs, server, options):
+        with ReplicaApplication(engine_kwargs, server, options) as app:
+            print(f"{options.replicas} replicas ready: {app.url}/v1", file=sys.stderr, flush=True)
             previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())  # after ray.init, which sets its own
             try:
                 while not stop.wait(1.0):  # a timed wait, so that Ctrl-C interrupts it
