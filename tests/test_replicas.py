@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -25,8 +26,8 @@ from rstitch_engine import Engine, SamplingParams  # noqa: E402
 from rstitch_engine.engine.mp_executor import free_port  # noqa: E402
 from rstitch_engine.policies import parse_policy  # noqa: E402
 from rstitch_engine.serving.app import ServerConfig  # noqa: E402
-from rstitch_engine.serving.replicas import (ReplicaApplication, ReplicaOptions, merged_exposition,  # noqa: E402
-                                             replica_resources)
+from rstitch_engine.serving.replicas import (EngineReplica, ReplicaApplication, ReplicaOptions,  # noqa: E402
+                                             merged_exposition, replica_resources)
 
 MODEL = "replicated"
 # 2 replicas x 16 running + 8 queued: room for 40 requests at once (Ray Serve counts its queue approximately:
@@ -242,6 +243,15 @@ def test_merged_metrics_label_every_series_with_its_replica():
     assert {(s.labels["replica"], s.value) for s in families["x"].samples if s.name == "x_total"} == {("r1", 3.0),
                                                                                                      ("r2", 4.0)}
     assert [(s.labels, s.value) for s in families["g"].samples] == [({"replica": "r2"}, 1.0)]
+
+
+def test_a_replica_whose_step_loop_failed_is_unhealthy():
+    """Ray Serve replaces a replica whose check_health raises: it raises once the engine's loop failed."""
+    check_health = EngineReplica.func_or_class.check_health
+    check_health(SimpleNamespace(replica="r1", online=SimpleNamespace(healthy=True, error=None)))
+    failed = SimpleNamespace(replica="r1", online=SimpleNamespace(healthy=False, error=RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="replica r1: the engine's step loop failed: RuntimeError\\('boom'\\)"):
+        check_health(failed)
 
 
 def test_replica_resources_keep_a_replicas_ranks_together():

@@ -178,7 +178,7 @@ def build_app(online: AsyncEngine, config: ServerConfig) -> FastAPI:
             return error_response(APIError(str(e), param=e.name))
         call = _Call(parsed, chat, config, prompts, requests)
         if parsed.stream:
-            return StreamingResponse(call.events(), media_type="text/event-stream")
+            return StreamingResponse(call.events(request), media_type="text/event-stream")
         return await call.complete(request)
 
     return app
@@ -345,9 +345,13 @@ class _Call:
                 "created": self.created, "model": self.model, "choices": choices, **extra}
         return sse(body)
 
-    async def events(self):
+    async def events(self, request: Request):
         """Server-sent events: a chunk per commit and choice, each choice's last with finish_reason and its
-        `rstitch` stats, the usage chunk if asked, then [DONE]."""
+        `rstitch` stats, the usage chunk if asked, then [DONE]. A client that disconnects aborts the requests
+        at once: watched here, since whether the response notices depends on the ASGI server (uvicorn 0.30
+        under Starlette 1.x never told it, and the requests ran to their end)."""
+        watch = asyncio.create_task(_disconnected(request))
+        watch.add_done_callback(lambda t: t.cancelled() or self._abort())
         completion_tokens, finals = 0, []
         deadline = None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
         try:
@@ -391,6 +395,7 @@ class _Call:
                                   **metrics_field(finals))
             yield "data: [DONE]\n\n"
         finally:
+            watch.cancel()
             self._abort()
 
 
