@@ -293,7 +293,8 @@ class ReplicaApplication:
         serve.start(http_options={"host": o.host, "port": o.port})
         hub = MetricsHub.options(name=f"{APP_NAME}-metrics", get_if_exists=True).remote()
         engines = EngineReplica.options(
-            num_replicas=o.replicas, max_ongoing_requests=self.config.max_num_seqs, health_check_period_s=HEALTH_CHECK_PERIOD_S, graceful_shutdown_timeout_s=o.shutdown_timeout,
+            num_replicas=o.replicas, max_ongoing_requests=self.config.max_num_seqs,
+            health_check_period_s=HEALTH_CHECK_PERIOD_S, graceful_shutdown_timeout_s=o.shutdown_timeout,
             **replica_resources(self.device, self.config.tensor_parallel_size)
         ).bind(self.engine_kwargs, self.server, hub)
         capacity = None if o.max_waiting is None else o.replicas * self.config.max_num_seqs + o.max_waiting
@@ -325,12 +326,16 @@ class ReplicaApplication:
             raise RuntimeError(f"the replicas failed to start: {failure[0]}") from failure[0]
 
     def close(self) -> None:
+        """Stops the application: with a Ray started here, Serve and Ray; on a cluster given by address, only
+        this application (other applications on it keep running), then disconnects."""
         if ray.is_initialized():
-            with contextlib.suppress(Exception):
-                serve.shutdown()
-            if self._started_ray:
-                ray.shutdown()
-                self._started_ray = False
+            with contextlib.suppress(Exception):  # Serve may be gone already (an error while starting)
+                if self._started_ray:
+                    serve.shutdown()
+                else:
+                    serve.delete(APP_NAME)
+            ray.shutdown()
+            self._started_ray = False
 
 
 def serve_replicas(engine_kwargs: dict, server: ServerConfig, options: ReplicaOptions) -> None:
