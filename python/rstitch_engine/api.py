@@ -25,7 +25,7 @@ from .random_models import random_config
 from .policies import LLMOnly, Policy, RStitch, RStitchPlus, SLMOnly, SpecDecode
 from .protocol import LLM, SLM, Model
 from .sampling_params import SamplingParams, scheduler_seed
-from .streaming import StreamOutput, TextStream, cut_at_stop
+from .streaming import StreamOutput, TextStream, cut_at_stop, text_in_step
 from .tokenizer import check_same_vocabulary, load_tokenizer
 
 
@@ -254,9 +254,9 @@ class Engine:
                         continue
                     if spec.spec_k and spec.temperature > 0:
                         draft_k = max(draft_k, spec.spec_k)
-                    text = self.text_stream(sp) if sp.stop_strings or (stream_text and detokenize) else None
-                    self._live[spec.id] = _Live(out, sp, text, sink, isinstance(pol, RStitchPlus),
-                                                detokenize or bool(sp.stop_strings))
+                    in_step = text_in_step(sp, detokenize)
+                    text = self.text_stream(sp) if in_step and (sp.stop_strings or stream_text) else None
+                    self._live[spec.id] = _Live(out, sp, text, sink, isinstance(pol, RStitchPlus), in_step)
                 if draft_k > self.core.draft_k:  # the draft buffers grow only with no step in flight
                     self._deliver(self.core.drain(), time.monotonic())
                     self.core.ensure_draft_logits(draft_k, self.dtype)

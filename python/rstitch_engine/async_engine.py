@@ -24,7 +24,7 @@ from .api import Engine
 from .outputs import RequestOutput
 from .policies import Policy
 from .sampling_params import SamplingParams
-from .streaming import StreamOutput
+from .streaming import StreamOutput, text_in_step
 
 log = logging.getLogger("rstitch_engine")
 
@@ -104,7 +104,7 @@ class AsyncEngine:
         params = params if params is not None else SamplingParams()
         params.validate()  # its stop strings decide who detokenizes
         front = _FrontText(self.engine, params, stream_text) \
-            if self.engine.tokenizer is not None and not params.stop_strings else None
+            if self.engine.tokenizer is not None and not text_in_step(params, detokenize=False) else None
         request = RequestStream(self, request_id if request_id is not None else f"req-{next(self._ids)}", front)
         admission = _Admission(request.request_id, prompt, params, policy, stream_text,
                                lambda out: _post(loop, request.queue.put_nowait, out), loop.create_future(), loop)

@@ -73,6 +73,12 @@ class TextStream:
         return final_text[self.sent:]
 
 
+def text_in_step(params, detokenize: bool) -> bool:
+    """Whether the engine makes a request's text in the step: when its caller does not make it (`detokenize`),
+    and always with stop strings, whose stop must be known before the next step is planned."""
+    return detokenize or bool(params.stop_strings)
+
+
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
     cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
     return text[:min(cuts)] if cuts else text
